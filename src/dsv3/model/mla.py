@@ -1,0 +1,113 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), with its two execution paths.
+
+Per token x (DESIGN.md §2):
+  q        = q_b_proj(q_a_layernorm(q_a_proj(x)))  or  q_proj(x)          [H, nope + rope]
+  c_kv,k_pe = kv_a_proj_with_mqa(x)                                        [r], [rope] (one head)
+  c_kv     = kv_a_layernorm(c_kv);   k_pe, q_pe rotated by RoPE
+  k_nope,v = kv_b_proj(c_kv)                                               [H, nope], [H, v]
+
+naive:    materialize per-head K = [k_nope, k_pe] and V, then scaled-dot-product attention.
+absorbed: fold W_UK into the query (q_lat = q_nope @ W_UK, [H, r]) and W_UV into the output, so
+          attention runs directly over the cached latents (c_kv, k_pe); nothing per-head is stored.
+Both give the same result; the cache only ever holds c_kv and k_pe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, yarn_get_mscale
+from .cache import LatentCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, max_seq_len: int | None = None):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads = c.num_attention_heads
+        self.nope, self.rope, self.v_dim, self.rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        qk = c.qk_head_dim
+        if c.uses_q_lora:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+
+        self.softmax_scale = qk ** -0.5
+        y = c.yarn
+        if y is not None and c.yarn_active(max_seq_len) and y.get("mscale_all_dim"):
+            m = yarn_get_mscale(float(y["factor"]), float(y["mscale_all_dim"]))
+            self.softmax_scale *= m * m
+
+    # -------------------------------------------------------------- projections
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,S,D] -> q_nope [B,S,H,nope], q_pe [B,S,H,rope], c_kv [B,S,r] (normalized), k_pe [B,S,rope] (rotated)."""
+        B, S, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = q.view(B, S, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
+        """x [B,S,D] at positions ``start_pos..start_pos+S-1`` -> [B,S,D].
+
+        With a cache, the new latents are written at ``start_pos`` and attention covers all cached
+        positions before them too. ``absorb`` picks the absorbed (latent) path.
+        """
+        B, S, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
+        T = c_kv.shape[1]
+        # Causal over absolute positions: query i (at start_pos+i) sees keys 0..start_pos+i.
+        mask = None
+        if S > 1 or T != S:
+            q_idx = torch.arange(T - S, T, device=x.device)
+            mask = torch.arange(T, device=x.device)[None, :] <= q_idx[:, None]  # [S, T]
+        out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask) if absorb else self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.reshape(B, S, self.n_heads * self.v_dim))
+
+    # -------------------------------------------------------------- the two paths
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, H, _ = q_nope.shape
+        T = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)  # [B,T,H,qk]
+        q = torch.cat([q_nope, q_pe], dim=-1)                                          # [B,S,H,qk]
+        # SDPA wants [B,H,S,d]; it accepts a value head dim different from the query/key one.
+        # Without a past, plain is_causal lets SDPA pick its flash/efficient kernels.
+        causal = S == T and S > 1
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=None if causal else mask, is_causal=causal,
+                                           scale=self.softmax_scale)
+        return o.transpose(1, 2)  # [B,S,H,v]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [H, nope, r]`` and ``W_UV [H, v, r]`` views of ``kv_b_proj.weight``."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)                     # [B,S,H,r]
+        scores = torch.einsum("bshr,btr->bsht", q_lat, c_kv) + torch.einsum("bshd,btd->bsht", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1).to(c_kv.dtype)                                 # [B,S,H,T]
+        o_lat = torch.einsum("bsht,btr->bshr", p, c_kv)                           # [B,S,H,r]
+        return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)                        # [B,S,H,v]

@@ -1,0 +1,125 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts behind a group-limited router.
+
+Router (computed in fp32, DESIGN.md §2):
+  V3 (sigmoid, noaux_tc): s = sigmoid(x W^T); selection uses s + b (b = e_score_correction_bias,
+     never in the gate weights); a group scores the sum of its top-2; keep topk_group groups; top-k
+     experts among them; gate = s of those, normalized to sum 1, times routed_scaling_factor.
+  V2 (softmax, greedy | group_limited_greedy with group score = group max); normalized only when
+     norm_topk_prob, otherwise scaled by routed_scaling_factor (DeepSeek-V2's own rule).
+Experts are stacked ``[E, out, in]`` so a grouped matmul can run them all at once; the reference
+path here loops over the experts that received tokens. No token is ever dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .mlp import MLP
+
+
+class Router(nn.Module):
+    """Scores experts and picks ``num_experts_per_tok`` of them per token.
+
+    After each forward, ``last_counts [E]`` holds how many tokens chose each expert (for the
+    aux-loss-free bias update and MaxVio), ``last_scores [T, E]`` the fp32 affinities and
+    ``last_topk [T, k]`` the chosen experts (for the sequence-wise balance loss).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.scale = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        if c.topk_method == "noaux_tc":
+            # Selection-only bias, moved by the aux-loss-free balancer, not by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.last_counts: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
+        self.last_topk: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> gate weights [T, k] (fp32), expert ids [T, k]."""
+        logits = F.linear(x.float(), self.weight.float())                       # [T, E]
+        if self.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices                 # [T, topk_group]
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf (as DeepSeek's own code) so a dropped group never wins, even with negative biased scores.
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+        topk = choice.topk(self.top_k, dim=-1).indices                             # [T, k]
+        weights = scores.gather(1, topk)
+        if self.scoring_func == "sigmoid":
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights * self.scale
+        elif self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.scale
+        self.last_scores, self.last_topk = scores, topk
+        self.last_counts = torch.bincount(topk.flatten(), minlength=self.n_experts).detach()
+        return weights, topk
+
+
+class RoutedExperts(nn.Module):
+    """``E`` SwiGLU experts with stacked weights: gate/up ``[E, I, D]``, down ``[E, D, I]``."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
+        T, k = topk.shape
+        flat = topk.flatten()
+        order = flat.argsort(stable=True)              # token-slots grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        xs = x[token]                                  # [T*k, D]
+        outs = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """``shared_experts(x) + sum_k g_k * expert_k(x)``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.gate = Router(c)
+        self.experts = RoutedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (MLP(c.hidden_size, c.n_shared_experts * c.moe_intermediate_size, bias=c.mlp_bias)
+                               if c.n_shared_experts > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
+        flat = x.reshape(-1, x.shape[-1])
+        weights, topk = self.gate(flat)
+        y = self.experts(flat, weights, topk).view_as(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
