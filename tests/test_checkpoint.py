@@ -182,3 +182,36 @@ def test_malformed_config_is_reported(saved):
         dsv3.load_pretrained(path)
     with pytest.raises(CheckpointError, match="not a directory"):
         dsv3.load_pretrained(path / "nope")
+
+
+def test_loading_streams_peak_memory_near_model_size(tmp_path):
+    """Load a ~120 MB sharded checkpoint in a fresh process; peak RSS grows by ~1x the model, not 2x."""
+    import subprocess
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the peak-RSS counter")
+    import sys
+    # Shaped like a real MoE: many mid-sized tensors, none a large share of the total.
+    cfg = small_config(hidden_size=256, vocab_size=4096, intermediate_size=1024, moe_intermediate_size=256,
+                       n_routed_experts=32, n_group=4, topk_group=2, num_attention_heads=4,
+                       num_key_value_heads=4, num_hidden_layers=4)
+    model = dsv3.Transformer(cfg)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert size > 70e6
+    dsv3.save_pretrained(model, tmp_path, max_shard_size="8MB")
+    del model
+    code = (
+        "import torch, dsv3\n"
+        "def hwm():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+        "import dsv3.checkpoint\n"
+        "with torch.device('meta'):  # torch's one-time meta-device set-up (~70 MB), not ours to count\n"
+        "    dsv3.Transformer(dsv3.preset('tiny'))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak-RSS counter after warm-up\n"
+        "base = hwm()\n"
+        f"m = dsv3.load_pretrained({str(tmp_path)!r})\n"
+        "print(base, hwm())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    base_kb, peak_kb = map(int, out.split())
+    grown = (peak_kb - base_kb) * 1024
+    assert grown < 1.3 * size, f"peak grew {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"

@@ -149,6 +149,11 @@ class _Reader:
             raise CheckpointError(f"{self.files[name]}: index lists tensor {name!r}, file does not hold it") from e
         return tuple(sl.get_shape()), sl.get_dtype()
 
+    def close_all_but(self, file: Path) -> None:
+        """Unmap every shard except ``file``, so finished shards stop counting towards memory."""
+        for f in [f for f in self.handles if f != file]:
+            del self.handles[f]
+
     def get(self, name: str) -> torch.Tensor:
         try:
             return self._handle(name).get_tensor(name)
@@ -256,6 +261,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     plan.sort(key=lambda p: (str(reader.files[p[0]]), p[0]))
     with torch.no_grad():
         for hf, ours, e, st_dtype in plan:
+            reader.close_all_but(reader.files[hf])
             t = reader.get(hf)
             target = state[ours] if e is None else state[ours][e]
             if st_dtype in _FP8_DTYPES:
