@@ -1,0 +1,242 @@
+"""The ``dsv3`` command line (also ``python -m dsv3``).
+
+Each subcommand is two things side by side in this file: ``add_<name>_parser(subparsers)``, which
+declares its flags, and ``cmd_<name>(args) -> int``, which runs it. To add one, write the pair and
+append the ``add_..._parser`` function to ``SUBCOMMANDS``.
+
+Exit status: 0 on success. Bad usage is reported by argparse (``usage: ...`` then the error on
+stderr, status 2); a user error found while running -- a bad ``config.json``, a missing directory, a
+checkpoint that doesn't load -- prints ``dsv3: error: <message>`` on stderr and exits 2, with no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+from . import __version__
+from .config import PRESETS, ConfigError, ModelConfig, preset
+
+PROG = "dsv3"
+
+
+class CLIError(Exception):
+    """A user error detected by a subcommand; shown as ``dsv3: error: <message>``, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something wrong (no traceback for these)."""
+    errors: list[type[BaseException]] = [CLIError, ConfigError, OSError]
+    try:  # checkpoint I/O is optional at import time (it pulls in safetensors)
+        from . import CheckpointError
+        errors.append(CheckpointError)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except ``None`` defaults whose help text says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """Declare subcommand ``name`` run by ``func(args)``; returns its parser for the flags."""
+    p = subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--preset NAME | --model DIR`` (exactly one); read back with :func:`load_config`."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a built-in model shape")
+    g.add_argument("--model", metavar="DIR",
+                   help="a model directory holding config.json (or the config.json itself); weights are not read")
+
+
+def load_config(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    """The config named by ``--preset`` / ``--model``, and a name to show for it."""
+    if args.preset is not None:
+        return preset(args.preset), args.preset
+    path = args.model
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    return ModelConfig.from_json_file(path), path
+
+
+# ---------------------------------------------------------------------- info
+DTYPES = ("bf16", "fp16", "fp32", "fp8")
+FORWARD_MAX_PARAMS = 2_000_000_000   # --forward builds the model on one device: keep it small
+INFO_SEQ_LEN = 4096                  # FLOPs context when --seq-len is not given
+FORWARD_SEQ_LEN = 64                 # --forward batch length when --seq-len is not given
+
+
+def add_info_parser(subparsers) -> None:
+    p = add_command(subparsers, "info", cmd_info,
+                    help="parameters, FLOPs, cache size and RoPE settings of a model (optionally run it)",
+                    description="Cost accounting of a model from its config (no weights are loaded): "
+                                "parameters (total, active, MTP), FLOPs per token, MLA cache bytes per "
+                                "token, and the RoPE/YaRN settings. --forward also builds the model with "
+                                "random weights and runs one batch.")
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
+                   help=f"context length: for the FLOPs (default: {INFO_SEQ_LEN}) and the --forward batch "
+                        f"(default: {FORWARD_SEQ_LEN})")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="element type of the cache, for its bytes")
+    p.add_argument("--forward", action="store_true",
+                   help=f"build the model (random init; only below {FORWARD_MAX_PARAMS / 1e9:g}B parameters), "
+                        f"run a forward pass and check the parameter count against the formula")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --forward's weights and batch")
+    p.add_argument("--batch", type=positive_int, default=2, help="batch size for --forward")
+    p.add_argument("--device", default="cpu", help="torch device for --forward (e.g. cpu, cuda)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .accounting import format_summary, summary
+
+    config, name = load_config(args)
+    flops_seq = args.seq_len or INFO_SEQ_LEN
+    s = summary(config, seq_len=flops_seq, dtype=args.dtype, name=name)
+    status = 0
+    if args.forward:
+        s["forward"] = _run_forward(config, s["params"], args)
+        status = 0 if s["forward"]["params_match"] else 1
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(format_summary(s))
+        if args.forward:
+            print(_format_forward(s["forward"]))
+    if status:
+        print(f"{PROG}: error: measured parameter count differs from the formula", file=sys.stderr)
+    return status
+
+
+def _run_forward(config: ModelConfig, params: dict, args: argparse.Namespace) -> dict:
+    """Build ``config`` with random weights, run one batch, and measure what the formula predicts."""
+    import torch
+
+    from .model import Transformer
+
+    built = params["total"] + params["mtp"]
+    if built >= FORWARD_MAX_PARAMS:
+        raise CLIError(f"--forward builds the whole model in memory; this one has {built / 1e9:.1f}B parameters "
+                       f"(limit {FORWARD_MAX_PARAMS / 1e9:g}B). Use a smaller preset, e.g. --preset tiny")
+    seq_len = args.seq_len or FORWARD_SEQ_LEN
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise CLIError(f"--device {args.device}: {e}") from None
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with device:
+        model = Transformer(config, max_seq_len=seq_len)
+    model.eval()
+    sync()
+    t1 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch, seq_len), generator=gen).to(device)
+    with torch.no_grad():
+        out = model(input_ids, return_mtp=True)
+    sync()
+    t2 = time.perf_counter()
+
+    measured_main = model.num_params(include_mtp=False)
+    measured_mtp = model.num_params() - measured_main
+    finite = bool(torch.isfinite(out.logits).all()) and all(bool(torch.isfinite(m).all()) for m in out.mtp_logits)
+    return {
+        "device": str(device),
+        "seed": args.seed,
+        "input_shape": list(input_ids.shape),
+        "logits_shape": list(out.logits.shape),
+        "mtp_logits_shapes": [list(m.shape) for m in out.mtp_logits],
+        "finite": finite,
+        "build_seconds": t1 - t0,
+        "forward_seconds": t2 - t1,
+        "measured_params": measured_main,
+        "measured_mtp_params": measured_mtp,
+        "params_match": measured_main == params["total"] and measured_mtp == params["mtp"],
+    }
+
+
+def _format_forward(f: dict) -> str:
+    ok = "ok" if f["params_match"] else "MISMATCH"
+    mtp = ", ".join(str(tuple(s)) for s in f["mtp_logits_shapes"]) or "none"
+    return "\n".join([
+        f"forward (random init, seed {f['seed']}, {f['device']}):",
+        f"  input        {tuple(f['input_shape'])}",
+        f"  logits       {tuple(f['logits_shape'])}{'' if f['finite'] else '  (NOT FINITE)'}",
+        f"  MTP logits   {mtp}",
+        f"  time         build {f['build_seconds']:.3f} s, forward {f['forward_seconds']:.3f} s",
+        f"  parameters   measured {f['measured_params']:,} main + {f['measured_mtp_params']:,} MTP "
+        f"vs formula: {ok}",
+    ])
+
+
+# ---------------------------------------------------------------------- entry point
+# One function per subcommand, each adding its parser (and its cmd_* through add_command).
+SUBCOMMANDS: list[Callable] = [add_info_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
+                                     description="DeepSeek-V3 end to end in readable PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Usage errors and user errors raise ``SystemExit(2)`` after printing to stderr, as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly (and keep Python from complaining at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            parser.exit(2, f"{PROG}: error: {e}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
