@@ -109,7 +109,8 @@ def test_fp8_checkpoint_official_layout_round_trip(tmp_path, block):
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         a, b = model(ids), loaded(ids)
-    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.99, float(cos)  # E4M3 keeps ~2 significant digits per weight
 
 
 def test_fp8_checkpoint_loads_in_bf16_by_default(tmp_path):

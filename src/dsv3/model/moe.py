@@ -101,6 +101,8 @@ class RoutedExperts(nn.Module):
                 continue
             h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
             outs.append(h @ self.down_proj[e].T)
+        if not outs:  # no tokens at all
+            return torch.zeros_like(x)
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
