@@ -13,6 +13,7 @@ traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -201,9 +202,140 @@ def _format_forward(f: dict) -> str:
     ])
 
 
+# ---------------------------------------------------------------------- train
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not value >= 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None:
+    """The flags of ``dsv3 train`` (also used by experiments); defaults come from TrainConfig."""
+    from .train.trainer import TrainConfig
+    d = TrainConfig()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model shape")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files, directories or JSONL (`text` field); default: the standard library's .py sources")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<preset>)")
+    if resume_flag:
+        p.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR from its last complete checkpoint (its settings are kept; "
+                            "--max-steps may extend it)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help=f"optimizer steps (default: {d.max_steps})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--lr", type=nonneg_float, default=d.lr, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    p.add_argument("--decay-start", type=fraction, default=d.decay_start,
+                   help="fraction of the run after which the cosine decay starts")
+    p.add_argument("--min-lr-ratio", type=fraction, default=d.min_lr_ratio, help="final LR as a fraction of --lr")
+    p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="AdamW decay on matrices")
+    p.add_argument("--grad-clip", type=nonneg_float, default=d.grad_clip, help="gradient norm clip")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for init, data order and FIM")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only final)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
+                   help="how many checkpoint-STEP dirs to keep")
+    p.add_argument("--bias-update-rate", type=nonneg_float, default=d.bias_update_rate,
+                   help="gamma of aux-loss-free balancing (0 switches it off)")
+    p.add_argument("--seq-aux-alpha", type=nonneg_float, default=d.seq_aux_alpha,
+                   help="alpha of the complementary sequence-wise balance loss (0: off)")
+    p.add_argument("--aux-loss-alpha", type=nonneg_float, default=d.aux_loss_alpha,
+                   help="alpha of the classic batch-wise auxiliary balance loss (0: off)")
+    p.add_argument("--mtp-depth", type=int, default=None, help="MTP depth D (default: the preset's)")
+    p.add_argument("--mtp-weight", type=nonneg_float, default=d.mtp_weight, help="MTP loss weight lambda")
+    p.add_argument("--fim-rate", type=fraction, default=d.fim_rate, help="fraction of documents in FIM (PSM) form")
+    p.add_argument("--vocab-size", type=positive_int, default=d.vocab_size, help="BPE vocabulary size")
+    p.add_argument("--val-fraction", type=fraction, default=d.val_fraction, help="documents held out for validation")
+    p.add_argument("--tokenizer-train-mb", type=nonneg_float, default=d.tokenizer_train_mb,
+                   help="MB of training text the BPE tokenizer is learned from")
+    p.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field of the preset (JSON value), e.g. hidden_size=128; repeatable")
+    p.add_argument("--max-nonfinite", type=positive_int, default=d.max_nonfinite,
+                   help="stop after this many non-finite losses in a row")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train.trainer import TrainConfig
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["progress"] = not args.no_progress
+    overrides = {}
+    for item in args.model_set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--model-set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw  # a bare string such as topk_method=greedy
+    values["model_overrides"] = overrides
+    if args.mtp_depth is not None and args.mtp_depth < 0:
+        raise CLIError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
+    return TrainConfig(**values)
+
+
+def add_train_parser(subparsers) -> None:
+    p = add_command(subparsers, "train", cmd_train, help="pre-train a model (default: tiny on the stdlib corpus)",
+                    description="Pre-train DeepSeek-V3 from scratch: BPE tokenizer, packed data with FIM, AdamW, "
+                                "aux-loss-free balancing, MTP. Writes OUT/metrics.jsonl, checkpoints, plots.")
+    add_train_args(p)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.trainer import TrainError, train
+    cfg = train_config_from_args(args)
+    resume = args.resume is not None
+    if resume:
+        if not os.path.isdir(args.resume):
+            raise CLIError(f"--resume {args.resume}: no such run directory")
+        cfg.out = args.resume
+    try:
+        summary = train(cfg, resume=resume, max_steps=args.max_steps)
+    except TrainError as e:
+        raise CLIError(str(e)) from e
+    print(format_train_summary(summary))
+    return 0
+
+
+def format_train_summary(s: dict) -> str:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+    lines = [
+        f"run: {s['out']}  ({s['steps']} steps, {s['wall_s']:.0f} s)",
+        f"  params        {s['params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active/token, "
+        f"{s['mtp_params'] / 1e6:.2f}M MTP",
+        f"  throughput    {num(s['tokens_per_s'], ',.0f')} tokens/s",
+        f"  val loss      {num(s['val_loss'], '.3f')} nats (ppl {num(s['val_ppl'], '.2f')}); "
+        f"unigram baseline {num(s['unigram_baseline_loss'], '.3f')}",
+        f"  MaxVio_global {num(s['maxvio_global'], '.3f')}",
+        f"  MTP top-1 acc {num(s['mtp_top1_acc'], '.3f')}  (draft acceptance proxy)",
+        f"  final model   {s['final']}",
+        f"  plots         {', '.join(s['plots']) or 'none'}",
+    ]
+    if s.get("sample") is not None:
+        lines += ["  sample:", "    " + s["sample"].replace("\n", "\n    ")]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- entry point
 # One function per subcommand, each adding its parser (and its cmd_* through add_command).
-SUBCOMMANDS: list[Callable] = [add_info_parser]
+SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Pre-training: optimizer and schedule, load balancing, training state, the trainer loop."""

@@ -1,0 +1,53 @@
+"""AdamW with weight decay on matrices only, and the warmup -> constant -> cosine schedule.
+
+DeepSeek-V3 (§4.2): AdamW beta=(0.9, 0.95), weight decay 0.1, gradient clipping 1.0; the learning
+rate warms up linearly, stays constant, then decays along a cosine. Our schedule is a pure function
+of the step, so a resumed run gets exactly the same rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Schedule:
+    """Learning rate per step: linear warmup, constant, cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    decay_start: float = 0.6          # fraction of total_steps where the cosine decay begins
+    min_lr_ratio: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        """LR for optimizer step ``step`` (0-based)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        start = max(self.warmup_steps, int(self.decay_start * self.total_steps))
+        if step < start:
+            return self.lr
+        span = max(1, self.total_steps - start)
+        progress = min(1.0, (step - start) / span)
+        floor = self.min_lr_ratio * self.lr
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (and stacked expert tensors) decay; norms, biases and other vectors don't."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    # foreach=False keeps the update order per tensor fixed, which the bit-exact resume test relies on.
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)

@@ -1,0 +1,380 @@
+"""The pre-training loop: ``dsv3 train``.
+
+One step = ``grad_accum`` micro-batches of ``batch_size x seq_len`` tokens:
+    loss = LM + lambda/D * sum_k MTP_k + alpha_seq * L_seq + alpha_aux * L_aux
+then gradient clipping, AdamW, and the aux-loss-free bias update from the expert counts of the
+whole step. Metrics go to ``OUT/metrics.jsonl`` (one JSON line per step, plus ``kind: eval``
+lines), checkpoints to ``OUT/checkpoint-STEP/`` and ``OUT/final/``, plots to ``OUT/plots/``.
+Resuming restores model, optimizer, schedule, RNG and data position, so on CPU the losses after a
+resume equal those of an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, preset
+from ..model import Transformer
+from . import balance
+from .optim import Schedule, build_optimizer
+from .state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
+                    save_training_checkpoint)
+
+
+class TrainError(RuntimeError):
+    """A training run can't start or can't go on (bad data, too many non-finite losses, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved in each checkpoint so ``--resume`` continues the same run."""
+
+    preset: str = "tiny"
+    data: list[str] | None = None          # None: the standard library's .py sources
+    out: str | None = None                 # default runs/<preset>
+    max_steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    decay_start: float = 0.6
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    eval_every: int = 50
+    eval_batches: int = 8
+    keep_checkpoints: int = 2              # older checkpoint-STEP dirs are deleted
+    bias_update_rate: float = 1e-3         # gamma of aux-loss-free balancing; 0 switches it off
+    seq_aux_alpha: float = 1e-4            # complementary sequence-wise balance loss
+    aux_loss_alpha: float = 0.0            # classic (DeepSeek-V2) auxiliary loss, for comparison
+    mtp_depth: int | None = None           # D; default: the preset's num_nextn_predict_layers
+    mtp_weight: float = 0.3                # lambda
+    fim_rate: float = 0.1
+    vocab_size: int = 8192
+    tokenizer_train_mb: float = 8.0        # how much of the train split the BPE is learned from
+    val_fraction: float = 0.02
+    max_nonfinite: int = 5                 # stop after this many non-finite losses in a row
+    sample_tokens: int = 48
+    progress: bool = True
+    device: str | None = None              # default: cuda if available, else cpu
+    model_overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests, experiments)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.preset}")
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
+    mc = preset(cfg.preset)
+    changes = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype="float32",
+                   max_position_embeddings=max(mc.max_position_embeddings, cfg.seq_len))
+    if cfg.mtp_depth is not None:
+        changes["num_nextn_predict_layers"] = cfg.mtp_depth
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    unknown = sorted(set(cfg.model_overrides) - known)
+    if unknown:
+        raise TrainError(f"unknown model config field(s): {', '.join(unknown)}")
+    changes.update(cfg.model_overrides)
+    return mc.replace(**changes)
+
+
+# ------------------------------------------------------------------------------------- data
+def prepare_data(cfg: TrainConfig, out_dir: Path, tokenizer=None):
+    """Tokenizer (trained once, or the checkpoint's) and the tokenized dataset under OUT/data."""
+    from .. import data as D
+    from .. import tokenizer as T
+
+    tok_dir = out_dir / "tokenizer"
+    if tokenizer is None:
+        if (tok_dir / "tokenizer.json").exists():
+            tokenizer = T.Tokenizer.load(tok_dir)
+        else:
+            budget = int(cfg.tokenizer_train_mb * 1e6)
+
+            def sample_texts():
+                used = 0
+                for doc in D.iter_documents(cfg.data):
+                    if used >= budget:
+                        return
+                    if D.split_of(doc.doc_id, cfg.val_fraction) == "train":
+                        used += len(doc.text)
+                        yield doc.text
+
+            tokenizer = T.train_tokenizer(sample_texts(), vocab_size=cfg.vocab_size)
+            tokenizer.save(tok_dir)
+    dataset = D.build_dataset(
+        out_dir / "data", D.Corpus(cfg.data), tokenizer.encode_batch, eos_id=tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size, fim_ids=T.fim_ids(tokenizer), fim_rate=cfg.fim_rate, seed=cfg.seed,
+        val_fraction=cfg.val_fraction, progress=cfg.progress, tokenizer_fingerprint=tokenizer.fingerprint())
+    return tokenizer, dataset
+
+
+# ------------------------------------------------------------------------------------- losses
+def compute_losses(model: Transformer, window: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """window [B, S+1] -> dict of scalar losses (``loss`` is what gets backpropagated)."""
+    x, y = window[:, :-1], window[:, 1:]
+    B = x.shape[0]
+    out = model(x, return_mtp=True)
+    V = out.logits.shape[-1]
+    lm = F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
+    losses = {"lm_loss": lm}
+    total = lm
+    if out.mtp_logits:
+        # depth k at position i predicts token i+k+1 of the window, i.e. y[:, k:]
+        mtp = torch.stack([F.cross_entropy(lg.reshape(-1, V), y[:, k:].reshape(-1))
+                           for k, lg in enumerate(out.mtp_logits, start=1)])
+        losses["mtp_loss"] = mtp.mean()
+        total = total + cfg.mtp_weight * mtp.mean()
+    bal = torch.zeros((), device=x.device)
+    for _, r in balance.routers(model):
+        if r.last_scores is None:
+            continue
+        if cfg.seq_aux_alpha:
+            bal = bal + cfg.seq_aux_alpha * balance.sequence_balance_loss(r.last_scores, r.last_topk, B)
+        if cfg.aux_loss_alpha:
+            bal = bal + cfg.aux_loss_alpha * balance.batch_balance_loss(r.last_scores, r.last_topk)
+    losses["balance_loss"] = bal
+    losses["loss"] = total + bal
+    losses["_mtp_logits"] = out.mtp_logits
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, device) -> dict:
+    """Val loss, perplexity, MaxVio_global, MTP top-1 accuracy, per-layer expert load."""
+    model.eval()
+    names = [n for n, _ in balance.routers(model) if n.startswith("layers.")]
+    routers = dict(balance.routers(model))
+    load = None
+    loss_sum, n_tok, mtp_hit, mtp_n = 0.0, 0, 0, 0
+    for w in batches:
+        w = w.to(device)
+        with _autocast(device):
+            out = compute_losses(model, w, cfg)
+        ntok = w[:, 1:].numel()
+        loss_sum += float(out["lm_loss"]) * ntok
+        n_tok += ntok
+        if out["_mtp_logits"]:
+            pred = out["_mtp_logits"][0].argmax(-1)
+            mtp_hit += int((pred == w[:, 2:]).sum())
+            mtp_n += pred.numel()
+        counts = torch.stack([routers[n].last_counts for n in names]) if names else None
+        load = counts if load is None else load + counts
+    model.train()
+    val_loss = loss_sum / max(n_tok, 1)
+    rec = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if load is not None:
+        mv = balance.max_violation(load)
+        rec.update(maxvio_global=float(mv.mean()), maxvio_global_per_layer=[float(v) for v in mv],
+                   expert_load=load.tolist())
+    if mtp_n:
+        rec["mtp_top1_acc"] = mtp_hit / mtp_n
+    return rec
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU; fp32 on CPU (CPU bf16 matmuls are slow and the tiny runs don't need them)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ------------------------------------------------------------------------------------- the run
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, log=print) -> dict:
+    """Run (or resume) training; returns the end-of-run summary.
+
+    With ``resume``, the run in ``cfg.out`` continues from its last complete checkpoint with its own
+    saved settings; ``max_steps`` (if given) extends or shortens it.
+    """
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, max_steps=max_steps)
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise TrainError(f"{out_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:  # the run's own settings win; only the step budget may be extended
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["train_config"]
+        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
+        if max_steps is not None:
+            here["max_steps"] = max_steps
+        cfg = TrainConfig(**{**saved, **here})
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+
+    from .. import tokenizer as T
+    tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
+    from .. import data as D
+    batches = D.PackedBatches(dataset, cfg.batch_size, cfg.seq_len, split="train", seed=cfg.seed)
+    val = D.val_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+
+    mc = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    model = Transformer(mc).to(device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
+    start = 0
+    if ckpt is not None:
+        from ..checkpoint import load_pretrained
+        loaded = load_pretrained(ckpt, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        state = load_training_state(ckpt, optimizer)
+        start = state["step"]
+        batches.load_state_dict(state["data"])
+        log(f"resumed from {ckpt} at step {start}")
+    model.train()
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
+    routers = balance.routers(model)
+    main_names = [n for n, _ in routers if n.startswith("layers.")]
+
+    def save(name: str, step: int) -> Path:
+        st = {"step": step, "data": batches.state_dict(), "train_config": dataclasses.asdict(cfg)}
+        return save_training_checkpoint(out_dir, name, model, tokenizer, optimizer, st)
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    nonfinite = 0
+    last_eval: dict = {}
+    progress = _progress(cfg, start)
+    t_run = time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = schedule(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        counts = {n: 0 for n, _ in routers}
+        finite = True
+        for _ in range(cfg.grad_accum):
+            w = next(batches).to(device)
+            with _autocast(device):
+                losses = compute_losses(model, w, cfg)
+            if not torch.isfinite(losses["loss"]):
+                finite = False
+            (losses["loss"] / cfg.grad_accum).backward()
+            for k in sums:
+                if k in losses:
+                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
+            for n, r in routers:
+                if r.last_counts is not None:
+                    counts[n] = counts[n] + r.last_counts
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        finite = finite and math.isfinite(grad_norm)
+        rec = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm}
+        if finite:
+            optimizer.step()
+            for n, r in routers:  # aux-loss-free: the whole step's counts, after the optimizer step
+                balance.update_bias(r, counts[n], cfg.bias_update_rate)
+            nonfinite = 0
+        else:
+            nonfinite += 1
+            rec["skipped"] = True
+            log(f"step {step + 1}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
+        optimizer.zero_grad(set_to_none=True)
+        mv = balance.max_violation(torch.stack([counts[n] for n in main_names])) if main_names else None
+        if mv is not None:
+            rec["maxvio_batch"] = [float(v) for v in mv]
+            rec["maxvio_batch_mean"] = float(mv.mean())
+        rec["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+        metrics.write(rec)
+        if nonfinite >= cfg.max_nonfinite:
+            progress.close()
+            raise TrainError(f"stopping: {nonfinite} non-finite losses in a row at step {step + 1} "
+                             f"(last checkpoint: {latest_checkpoint(out_dir)})")
+        done = step + 1
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            last_eval = {"kind": "eval", "step": done, **evaluate(model, val, cfg, device)}
+            metrics.write(last_eval)
+        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
+            save(f"checkpoint-{done}", done)
+            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        progress.update(rec, last_eval)
+    progress.close()
+    final_step = max(start, cfg.max_steps)
+    if not last_eval or last_eval.get("step") != final_step:
+        last_eval = {"kind": "eval", "step": final_step, **evaluate(model, val, cfg, device)}
+        metrics.write(last_eval)
+    final = save("final", final_step)
+    from .plots import plot_run
+    plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
+    from ..accounting import param_counts
+    pc = param_counts(mc)
+    train_recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()
+                  if ln.strip() and "kind" not in json.loads(ln)]
+    tps = [r["tokens_per_s"] for r in train_recs[-20:]]
+    summary = {
+        "out": str(out_dir), "final": str(final), "steps": final_step,
+        "params": pc["total"], "active_params": pc["active"], "mtp_params": pc.get("mtp", 0),
+        "tokens_per_s": sum(tps) / len(tps) if tps else None,
+        "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
+        "unigram_baseline_loss": D.unigram_entropy(dataset),
+        "maxvio_global": last_eval.get("maxvio_global"), "mtp_top1_acc": last_eval.get("mtp_top1_acc"),
+        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
+    }
+    if cfg.sample_tokens:
+        from ..sample import generate
+        prompt_text = "def "
+        ids = [tokenizer.bos_id] + tokenizer.encode(prompt_text)
+        gen = generate(model, ids, cfg.sample_tokens, temperature=0.7, top_k=40, seed=cfg.seed,
+                       stop_ids=(tokenizer.eos_id,))
+        summary["sample"] = prompt_text + tokenizer.decode(gen, skip_special_tokens=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _progress:
+    """A live progress bar (tqdm) showing loss, val loss and throughput; silent when disabled."""
+
+    def __init__(self, cfg: TrainConfig, start: int):
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, rec: dict, last_eval: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+        if "maxvio_batch_mean" in rec:
+            post["maxvio"] = f"{rec['maxvio_batch_mean']:.2f}"
+        if last_eval:
+            post["val"] = f"{last_eval['val_loss']:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
