@@ -333,9 +333,31 @@ def format_train_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- experiment
+def add_experiment_parser(subparsers) -> None:
+    p = add_command(subparsers, "experiment", cmd_experiment, help="reproduce a paper ablation at small scale")
+    sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    b = sub.add_parser("balance", formatter_class=HelpFormatter,
+                       help="aux loss vs aux-loss-free vs no balancing: val ppl and MaxVio",
+                       description="Train the same model three ways (classic aux loss alpha=1e-3, aux-loss-free "
+                                   "gamma=1e-3, neither) and compare val perplexity, MaxVio_global, MaxVio_batch.")
+    add_train_args(b, resume_flag=False)
+    b.set_defaults(func=cmd_experiment)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .train.experiment_balance import format_table, run_balance_experiment
+    cfg = train_config_from_args(args)
+    out = args.out or f"runs/experiment-balance-{cfg.preset}"
+    results = run_balance_experiment(cfg, out)
+    print(format_table(results))
+    print(f"written: {out}/balance_results.md, {out}/balance_results.json, {out}/balance.png")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 # One function per subcommand, each adding its parser (and its cmd_* through add_command).
-SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser]
+SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_experiment_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

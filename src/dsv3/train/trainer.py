@@ -42,6 +42,7 @@ class TrainConfig:
     preset: str = "tiny"
     data: list[str] | None = None          # None: the standard library's .py sources
     out: str | None = None                 # default runs/<preset>
+    cache_dir: str | None = None           # where the tokenizer and token shards live (default: out)
     max_steps: int = 300
     batch_size: int = 16
     seq_len: int = 256
@@ -103,7 +104,8 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, tokenizer=None):
     from .. import data as D
     from .. import tokenizer as T
 
-    tok_dir = out_dir / "tokenizer"
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir
+    tok_dir = cache / "tokenizer"
     if tokenizer is None:
         if (tok_dir / "tokenizer.json").exists():
             tokenizer = T.Tokenizer.load(tok_dir)
@@ -122,7 +124,7 @@ def prepare_data(cfg: TrainConfig, out_dir: Path, tokenizer=None):
             tokenizer = T.train_tokenizer(sample_texts(), vocab_size=cfg.vocab_size)
             tokenizer.save(tok_dir)
     dataset = D.build_dataset(
-        out_dir / "data", D.Corpus(cfg.data), tokenizer.encode_batch, eos_id=tokenizer.eos_id,
+        cache / "data", D.Corpus(cfg.data), tokenizer.encode_batch, eos_id=tokenizer.eos_id,
         vocab_size=tokenizer.vocab_size, fim_ids=T.fim_ids(tokenizer), fim_rate=cfg.fim_rate, seed=cfg.seed,
         val_fraction=cfg.val_fraction, progress=cfg.progress, tokenizer_fingerprint=tokenizer.fingerprint())
     return tokenizer, dataset
