@@ -355,9 +355,67 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- bench
+def add_bench_parser(subparsers) -> None:
+    p = add_command(subparsers, "bench", cmd_bench, help="benchmarks against peer implementations, in one run",
+                    description="Each benchmark measures ours and its peers in the same process on the same "
+                                "config, data and thread count, and reports the ratio.")
+    sub = p.add_subparsers(dest="bench", required=True, metavar="NAME")
+    t = sub.add_parser("train", formatter_class=HelpFormatter,
+                       help="tokens/s of a full training step: ours vs transformers' DeepseekV3ForCausalLM",
+                       description="Time full training steps (forward, cross-entropy, backward, AdamW step) of "
+                                   "our model and of transformers' DeepseekV3ForCausalLM holding the same weights, "
+                                   "on the same batch and threads (fp32 on CPU, bf16 autocast on CUDA), steps "
+                                   "interleaved; report median/mean step time, tokens/s, the ratio, and the "
+                                   "first-step losses (which must agree: same model).")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (MTP is switched off)")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
+    t.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
+    t.add_argument("--steps", type=positive_int, default=5, help="timed steps per implementation")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    t.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
+    t.add_argument("--mtp", action="store_true", help="also time ours with the preset's MTP modules (extra line)")
+    t.add_argument("--torchtitan", action="store_true",
+                   help="also try torchtitan's DeepSeek-V3 (if installed) and record whether it runs")
+    t.add_argument("--transformers", nargs="+", default=["sdpa"], metavar="ATTN[/EXPERTS]",
+                   help="transformers variants: attention implementation, optionally /experts implementation "
+                        "(e.g. sdpa eager sdpa/eager); the first is the reference of the ratio")
+    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
+    t.set_defaults(func=cmd_bench, bench_run=_cmd_bench_train)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench.train import bench_train, format_bench_train
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        result = bench_train(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                             warmup=args.warmup, threads=args.threads, seed=args.seed, mtp=args.mtp,
+                             torchtitan=args.torchtitan, transformers_variants=args.transformers, device=args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(format_bench_train(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"written: {args.json}")
+    if result.get("first_loss_match") is False:
+        print(f"{PROG}: error: first-step losses differ by {result['first_loss_abs_diff']:.3g}: "
+              f"not the same model", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 # One function per subcommand, each adding its parser (and its cmd_* through add_command).
-SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_experiment_parser]
+SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_experiment_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

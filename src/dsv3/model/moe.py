@@ -6,8 +6,9 @@ Router (computed in fp32, DESIGN.md §2):
      experts among them; gate = s of those, normalized to sum 1, times routed_scaling_factor.
   V2 (softmax, greedy | group_limited_greedy with group score = group max); normalized only when
      norm_topk_prob, otherwise scaled by routed_scaling_factor (DeepSeek-V2's own rule).
-Experts are stacked ``[E, out, in]`` so a grouped matmul can run them all at once; the reference
-path here loops over the experts that received tokens. No token is ever dropped.
+Experts are stacked ``[E, out, in]`` so a grouped matmul can run them all at once; this path
+loops over the experts that received tokens (one matmul per expert and projection, no padding, so
+an unbalanced batch costs nothing extra). No token is ever dropped.
 """
 
 from __future__ import annotations
@@ -94,17 +95,25 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)              # token-slots grouped by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x[token]                                  # [T*k, D]
-        outs = []
-        for e, chunk in enumerate(xs.split(counts)):
+        # index_select, not x[token]: its backward is one index_add_, where advanced indexing's is an
+        # accumulating index_put_ (several times slower on CPU for the T*k duplicated rows).
+        xs = x.index_select(0, token)                   # [T*k, D]
+        route_w = weights.flatten()[order].unsqueeze(-1)  # [T*k, 1] fp32, in the same order
+        out = torch.zeros_like(x)
+        # unbind gives per-expert views whose backward stacks the E gradients once; indexing
+        # self.gate_proj[e] instead would allocate and add a full [E, I, D] zero gradient per expert.
+        experts = zip(xs.split(counts), route_w.split(counts), token.split(counts),
+                      self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
+        for chunk, rw, tok, w_gate, w_up, w_down in experts:
             if chunk.shape[0] == 0:
                 continue
-            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
-            outs.append(h @ self.down_proj[e].T)
-        if not outs:  # no tokens at all
-            return torch.zeros_like(x)
-        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+            h = F.silu(chunk @ w_gate.T) * (chunk @ w_up.T)            # [n, I]
+            # The gate weight scales the I-wide hidden state (down_proj is linear), which is cheaper
+            # than scaling the D-wide output; each expert adds straight into its tokens' rows, so no
+            # [T*k, D] concatenation is built (nor split again in the backward pass).
+            y = (h * rw.to(h.dtype)) @ w_down.T                        # [n, D]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
 
 
 class MoE(nn.Module):
