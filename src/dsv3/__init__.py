@@ -6,7 +6,7 @@ from .model import LatentCache, ModelOutput, Transformer
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "LatentCache", "ModelConfig", "ModelOutput", "Transformer", "preset",
-           "load_pretrained", "save_pretrained", "CheckpointError"]
+           "load_pretrained", "save_pretrained", "CheckpointError", "LLM", "SamplingParams", "RequestOutput"]
 
 
 def __getattr__(name):
@@ -14,4 +14,7 @@ def __getattr__(name):
     if name in ("load_pretrained", "save_pretrained", "CheckpointError"):
         from . import checkpoint
         return getattr(checkpoint, name)
+    if name in ("LLM", "SamplingParams", "RequestOutput"):
+        from . import engine
+        return getattr(engine, name)
     raise AttributeError(name)

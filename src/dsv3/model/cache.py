@@ -32,5 +32,10 @@ class LatentCache:
         self.k_pe[layer][:, start:end] = k_pe
         return self.c_kv[layer][:, :end], self.k_pe[layer][:, :end]
 
+    def attend(self, mla, q_nope, q_pe, c_kv, k_pe, start_pos: int, absorb: bool) -> torch.Tensor:
+        """Store this layer's new latents at ``start_pos``, then attend over everything cached so far."""
+        c_kv, k_pe = self.update(mla.layer_idx, start_pos, c_kv, k_pe)
+        return mla.attend(q_nope, q_pe, c_kv, k_pe, absorb)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.c_kv + self.k_pe)

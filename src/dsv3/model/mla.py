@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_get_mscale
-from .cache import LatentCache
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -60,25 +59,37 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
         """x [B,S,D] at positions ``start_pos..start_pos+S-1`` -> [B,S,D].
 
-        With a cache, the new latents are written at ``start_pos`` and attention covers all cached
-        positions before them too. ``absorb`` picks the absorbed (latent) path.
+        ``cache`` is anything with ``attend(mla, q_nope, q_pe, c_kv, k_pe, start_pos, absorb)``: the
+        contiguous :class:`LatentCache` writes the new latents at ``start_pos`` and attends over all
+        cached positions; the engine's paged cache does the same through block tables. ``absorb``
+        picks the absorbed (latent) path.
         """
         B, S, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
-        T = c_kv.shape[1]
-        # Causal over absolute positions: query i (at start_pos+i) sees keys 0..start_pos+i.
+            out = cache.attend(self, q_nope, q_pe, c_kv, k_pe, start_pos, absorb)
+        else:
+            out = self.attend(q_nope, q_pe, c_kv, k_pe, absorb)
+        return self.o_proj(out.reshape(B, S, self.n_heads * self.v_dim))
+
+    def attend(self, q_nope, q_pe, c_kv, k_pe, absorb: bool = False) -> torch.Tensor:
+        """Causal attention of S queries over T >= S latent positions, the queries being the last S.
+
+        q_nope [B,S,H,nope], q_pe [B,S,H,rope], c_kv [B,T,r], k_pe [B,T,rope] -> [B,S,H,v].
+        """
+        S, T = q_nope.shape[1], c_kv.shape[1]
+        # Causal over absolute positions: query i (at T-S+i) sees keys 0..T-S+i.
         mask = None
         if S > 1 or T != S:
-            q_idx = torch.arange(T - S, T, device=x.device)
-            mask = torch.arange(T, device=x.device)[None, :] <= q_idx[:, None]  # [S, T]
-        out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask) if absorb else self._naive(q_nope, q_pe, c_kv, k_pe, mask)
-        return self.o_proj(out.reshape(B, S, self.n_heads * self.v_dim))
+            q_idx = torch.arange(T - S, T, device=c_kv.device)
+            mask = torch.arange(T, device=c_kv.device)[None, :] <= q_idx[:, None]  # [S, T]
+        if absorb:
+            return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+        return self._naive(q_nope, q_pe, c_kv, k_pe, mask)
 
     # -------------------------------------------------------------- the two paths
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -101,13 +112,15 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope:]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention straight over the latents; ``mask`` [S,T] or [B,S,T] bool (True = may attend) or None."""
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)                     # [B,S,H,r]
         scores = torch.einsum("bshr,btr->bsht", q_lat, c_kv) + torch.einsum("bshd,btd->bsht", q_pe, k_pe)
         scores = scores.float() * self.softmax_scale
         if mask is not None:
-            scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+            m = mask if mask.dim() == 3 else mask.unsqueeze(0)                    # [B or 1, S, T]
+            scores = scores.masked_fill(~m[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)                                 # [B,S,H,T]
         o_lat = torch.einsum("bsht,btr->bshr", p, c_kv)                           # [B,S,H,r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)                        # [B,S,H,v]

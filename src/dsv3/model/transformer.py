@@ -69,23 +69,31 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None,
-                absorb: bool = False, return_mtp: bool = False) -> torch.Tensor | ModelOutput:
+                absorb: bool = False, return_mtp: bool = False,
+                positions: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
         """input_ids [B, S] at positions ``start_pos..`` -> logits [B, S, V] (float).
 
-        ``cache``: a :class:`LatentCache` to read/write (decoding). ``absorb``: use absorbed MLA.
-        ``return_mtp``: return a :class:`ModelOutput` with the per-depth MTP logits too.
+        ``cache``: a :class:`LatentCache` (or the engine's paged cache) to read/write while decoding.
+        ``absorb``: use absorbed MLA. ``return_mtp``: return a :class:`ModelOutput` with the per-depth
+        MTP logits too. ``positions`` [S] or [B, S]: explicit token positions (the engine's packed batches).
         """
-        B, S = input_ids.shape
-        h = self.embed_tokens(input_ids)
-        positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
-        cos, sin = self.rope(positions)                                    # [S, rope/2]
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, start_pos, absorb)
-        h = self.norm(h)
+        h, cos, sin = self.hidden_states(input_ids, start_pos, cache, absorb, positions)
         logits = self.lm_head(h).float()
         if not return_mtp:
             return logits
         return ModelOutput(logits, self.mtp_forward(input_ids, h, cos, sin), h)
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None, absorb: bool = False,
+                      positions: torch.Tensor | None = None):
+        """The final normed hidden states [B, S, D] (and the RoPE tables used), without the head."""
+        S = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
+        cos, sin = self.rope(positions)                                    # [(B,) S, rope/2]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, start_pos, absorb)
+        return self.norm(h), cos, sin
 
     def mtp_forward(self, input_ids: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over a whole sequence: depth k's logits at position i predict token i+k+1."""

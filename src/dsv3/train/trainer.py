@@ -43,8 +43,8 @@ class TrainConfig:
     data: list[str] | None = None          # None: the standard library's .py sources
     out: str | None = None                 # default runs/<preset>
     cache_dir: str | None = None           # where the tokenizer and token shards live (default: out)
-    max_steps: int = 300
-    batch_size: int = 16
+    max_steps: int = 200
+    batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 4
     keep_checkpoints: int = 2              # older checkpoint-STEP dirs are deleted
     bias_update_rate: float = 1e-3         # gamma of aux-loss-free balancing; 0 switches it off
     seq_aux_alpha: float = 1e-4            # complementary sequence-wise balance loss
@@ -229,6 +229,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         raise TrainError(f"{out_dir}: no complete checkpoint to resume from")
+    if not resume:  # a fresh run replaces the previous run's checkpoints (the data cache is kept)
+        old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
+        if old:
+            log(f"{out_dir}: starting a new run, removing {len(old)} checkpoint(s) of the previous one "
+                "(use --resume to continue it instead)")
+        for p in old:
+            shutil.rmtree(p)
     if ckpt is not None:  # the run's own settings win; only the step budget may be extended
         saved = json.loads((ckpt / "trainer_state.json").read_text())["train_config"]
         here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
