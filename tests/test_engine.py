@@ -140,3 +140,69 @@ def test_block_manager_prefix_sharing_and_eviction():
     t2 = []
     assert bm.grow(t2, 8) and not bm.grow(t2, 10)  # all 4 blocks, reusing (evicting) the cached ones
     assert bm.match_prefix([1, 2, 3, 4, 5]) == ([], [])
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    """A random tiny V3 with one (random) MTP module: drafts are often wrong, which exercises rejection."""
+    cfg = dsv3.ModelConfig.from_hf(dict(
+        vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=12, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+        torch_dtype="float32"))
+    torch.manual_seed(1)
+    m = dsv3.Transformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    d = tmp_path_factory.mktemp("mtp")
+    dsv3.save_pretrained(m, d)
+    return d
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_speculative_greedy_equals_plain_greedy(mtp_checkpoint, k):
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = LLM(mtp_checkpoint, block_size=4).generate(PROMPTS, sp)
+    llm = LLM(mtp_checkpoint, block_size=4, speculative="mtp", num_speculative_tokens=k)
+    spec = llm.generate(PROMPTS, sp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    st = llm.spec_stats
+    assert st["drafted"] > 0 and st["verify_steps"] > 0
+    assert 0 <= st["acceptance_rate"] <= 1 and 1 <= st["mean_accepted_length"] <= k + 1
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks
+
+
+def test_mtp_speculative_sampling_runs_and_reproduces(mtp_checkpoint):
+    sp = SamplingParams(temperature=0.8, top_k=20, max_tokens=12, seed=5, ignore_eos=True)
+    a = LLM(mtp_checkpoint, speculative="mtp", num_speculative_tokens=2).generate(PROMPTS[:3], sp)
+    b = LLM(mtp_checkpoint, speculative="mtp", num_speculative_tokens=2).generate(PROMPTS[:3], sp)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(len(o.token_ids) == 12 for o in a)
+    with pytest.raises(ValueError, match="speculative"):
+        LLM(mtp_checkpoint, speculative="eagle")
+
+
+def test_speculative_bookkeeping_with_oracle_drafts(mtp_checkpoint, monkeypatch):
+    """Drafts taken from the true greedy continuation (every third one corrupted) must be accepted
+    up to the first wrong one, and the output must still equal plain greedy decoding."""
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = {tuple(p): o.token_ids for p, o in zip(PROMPTS, LLM(mtp_checkpoint).generate(PROMPTS, sp))}
+    real_draft = LLM._draft
+    calls = {"n": 0}
+
+    def oracle(self, seqs):
+        real_draft(self, seqs)           # keeps the MTP cache and state moving as usual
+        for s in seqs:
+            if s.draft:
+                truth = plain[tuple(s.prompt)][len(s.output):]
+                calls["n"] += 1
+                s.draft = [t if (calls["n"] + j) % 3 else (t + 1) % 97 for j, t in enumerate(truth[:len(s.draft)])]
+                s.draft += [0] * (3 - len(s.draft))
+    monkeypatch.setattr(LLM, "_draft", oracle)
+    llm = LLM(mtp_checkpoint, block_size=4, speculative="mtp", num_speculative_tokens=3)
+    outs = llm.generate(PROMPTS, sp)
+    assert [o.token_ids for o in outs] == [plain[tuple(p)] for p in PROMPTS]
+    st = llm.spec_stats
+    assert st["acceptance_rate"] > 0.3 and st["mean_accepted_length"] > 1.5

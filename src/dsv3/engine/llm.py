@@ -20,7 +20,8 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .paged_cache import PagedLatentCache
 from .runner import ModelRunner
-from .sampling import SamplingParams
+from .sampling import (SamplingParams, greedy_verify, penalty_inputs, probs_after_processing, rejection_sample,
+                       sample)
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -46,7 +47,8 @@ class LLM:
     def __init__(self, model: str | Path | Transformer, tokenizer=None, *, dtype: torch.dtype | str | None = None,
                  device: str | torch.device | None = None, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
-                 prefix_caching: bool = True, seed: int = 0):
+                 prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
+                 num_speculative_tokens: int = 1):
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
@@ -67,6 +69,14 @@ class LLM:
                                       self.model.embed_tokens.weight.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r}: only None or 'mtp'")
+        if speculative == "mtp" and not self.model.mtp:
+            raise ValueError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1)")
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
+        self._spec_counts = {"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._stop_text: dict[int, str] = {}     # output text cut at a stop string
@@ -103,21 +113,124 @@ class LLM:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[Sequence]:
-        """One forward pass; returns the sequences that got a new token."""
+        """One forward pass (plus MTP drafting when speculative); returns sequences that got tokens."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        seqs, out = self.runner.run(batch)
+        items = []
+        for seq, n in batch:
+            toks = seq.tokens[seq.num_computed: seq.num_computed + n]
+            items.append((toks + seq.draft, seq.num_computed, seq.block_table))
+        hidden = self.runner.forward(items)
+        plain: list[tuple[Sequence, torch.Tensor]] = []
+        advanced = []
+        for (seq, n), h in zip(batch, hidden):
+            ends = seq.num_computed + n == len(seq)
+            if not ends:                       # a prompt chunk: nothing to sample yet
+                self._computed(seq, n, h[:n])
+                continue
+            if seq.draft:
+                accepted = self._verify(seq, self.runner.logits(h[n - 1:]))
+                self._computed(seq, n + len(accepted) - 1, h[: n + len(accepted) - 1])
+                self._append(seq, accepted)
+                advanced.append(seq)
+            else:
+                self._computed(seq, n, h[:n])
+                plain.append((seq, h[n - 1]))
+        if plain:
+            seqs = [s for s, _ in plain]
+            logits = self.runner.logits(torch.stack([h for _, h in plain]))
+            params = [s.params for s in seqs]
+            counts = mask = None
+            if any(_uses_penalty(p) for p in params):
+                counts, mask = penalty_inputs([s.prompt for s in seqs], [s.output for s in seqs],
+                                              logits.shape[-1], device=self.device)
+            out = sample(logits, params, [s.generator for s in seqs], counts, mask)
+            for i, seq in enumerate(seqs):
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(float(out.logprobs[i]))
+                    seq.top_logprobs.append(out.top_logprobs[i])
+                self._append(seq, [int(out.token_ids[i])])
+                advanced.append(seq)
         for seq, _ in batch:
-            self.block_manager.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_computed)
-        for i, seq in enumerate(seqs):
-            tok = int(out.token_ids[i])
+            if not seq.finished:
+                self.block_manager.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_computed)
+        if self.num_spec:
+            self._draft([s for s in advanced if not s.finished])
+        return advanced
+
+    def _computed(self, seq: Sequence, n: int, h: torch.Tensor) -> None:
+        seq.num_computed += n
+        if self.num_spec:
+            seq.pending_hidden.append(h)
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> None:
+        for tok in tokens:
             seq.output.append(tok)
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(float(out.logprobs[i]))
-                seq.top_logprobs.append(out.top_logprobs[i])
             self._check_stop(seq, tok)
-        return seqs
+            if seq.finished:
+                return
+
+    # ------------------------------------------------------------------ MTP speculative decoding
+    def _spec_ok(self, seq: Sequence) -> bool:
+        # Penalties change the distribution token by token and logprobs are reported per sampled
+        # token; such requests decode one token at a time.
+        return not _uses_penalty(seq.params) and seq.params.logprobs is None
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """logits [k+1, V] of the main model after the last token and each draft -> tokens to emit."""
+        k = len(seq.draft)
+        if seq.params.greedy:
+            out = greedy_verify(seq.draft, logits)
+        else:
+            target = probs_after_processing(logits, [seq.params] * (k + 1))
+            out = rejection_sample(seq.draft, seq.draft_probs, target, seq.generator)
+        st = self._spec_counts
+        st["drafted"] += k
+        st["accepted"] += len(out) - 1
+        st["verify_steps"] += 1
+        st["emitted"] += len(out)
+        seq.draft, seq.draft_probs = [], None
+        return out
+
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """Catch the MTP module up on every new position, then draft ``num_spec`` tokens recursively."""
+        seqs = [s for s in seqs if self._spec_ok(s) and len(s) + self.num_spec <= self.max_model_len
+                and self.block_manager.grow(s.block_table, len(s) + self.num_spec)]
+        if not seqs:
+            return
+        # Depth-1 input at position i is (h_i, token i+1): all known up to num_computed - 1.
+        items = [(s.tokens[s.mtp_computed + 1: s.num_computed + 1], s.mtp_computed, s.block_table) for s in seqs]
+        hs = [torch.cat(s.pending_hidden) for s in seqs]
+        outs = self.runner.forward_mtp(items, hs)
+        last = torch.stack([o[-1] for o in outs])                              # [B, D]
+        for s in seqs:
+            s.mtp_computed = s.num_computed
+            s.pending_hidden.clear()
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for j in range(self.num_spec):
+            logits = self.runner.mtp_logits(last)                              # [B, V]
+            for i, s in enumerate(seqs):
+                if s.params.greedy:
+                    drafts[i].append(int(logits[i].argmax()))
+                else:
+                    q = probs_after_processing(logits[i:i + 1], [s.params])[0]
+                    drafts[i].append(int(torch.multinomial(q, 1, generator=s.generator)))
+                    probs[i].append(q)
+            if j + 1 < self.num_spec:  # reuse the module on its own output and the token it drafted
+                items = [([d[-1]], s.num_computed + j, s.block_table) for s, d in zip(seqs, drafts)]
+                last = torch.stack([o[-1] for o in self.runner.forward_mtp(items, list(last[:, None]))])
+        for s, d, p in zip(seqs, drafts, probs):
+            s.draft = d
+            s.draft_probs = torch.stack(p) if p else None
+
+    @property
+    def spec_stats(self) -> dict:
+        """Drafted/accepted counts, acceptance rate and mean tokens emitted per verification step."""
+        st = self._spec_counts
+        return {**st, "acceptance_rate": st["accepted"] / st["drafted"] if st["drafted"] else None,
+                "mean_accepted_length": st["emitted"] / st["verify_steps"] if st["verify_steps"] else None}
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -162,3 +275,7 @@ class LLM:
             if len(seq.output) > seen or seq.finished:
                 seen = len(seq.output)
                 yield self.output_of(seq)
+
+
+def _uses_penalty(p: SamplingParams) -> bool:
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)

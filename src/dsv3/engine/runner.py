@@ -1,9 +1,7 @@
-"""Runs one scheduled batch through the model over the paged cache and samples next tokens.
+"""Runs packed batches through the model (or its MTP module) over the paged latent cache.
 
 The new tokens of all scheduled sequences are packed into one row ``[1, N]`` with explicit
-positions; :class:`PagedBatch` routes each layer's attention through the block tables. Logits are
-computed only for sequences whose last scheduled token is their newest one (a finished prompt or a
-decode step) — a prompt chunk in the middle needs none.
+positions; :class:`PagedBatch` routes each layer's attention through the sequences' block tables.
 """
 
 from __future__ import annotations
@@ -12,8 +10,9 @@ import torch
 
 from ..model import Transformer
 from .paged_cache import PagedBatch, PagedLatentCache, SeqSlice
-from .sampling import SampleOutput, penalty_inputs, sample
-from .sequence import Sequence
+
+# One sequence's share of a forward: (its new tokens, position of the first, its block table).
+Item = tuple[list[int], int, list[int]]
 
 
 class ModelRunner:
@@ -21,36 +20,40 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.embed_tokens.weight.device
 
-    @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleOutput | None]:
-        """Compute ``n`` more tokens of each sequence; returns the sequences that got a next token
-        sampled (in order) and the sample."""
-        ids, pos, write, slices, last_rows, to_sample = [], [], [], [], [], []
-        for seq, n in batch:
-            start, end = seq.num_computed, seq.num_computed + n
-            toks = seq.tokens
-            q_start = len(ids)
-            ids += toks[start:end]
+    def _pack(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch, list[slice]]:
+        ids, pos, write, slices, rows = [], [], [], [], []
+        for toks, start, table in items:
+            end = start + len(toks)
+            rows.append(slice(len(ids), len(ids) + len(toks)))
+            slices.append(SeqSlice(len(ids), len(toks), torch.tensor(self.cache.slots(table, 0, end),
+                                                                     dtype=torch.long, device=self.device)))
+            ids += toks
             pos += range(start, end)
-            write += self.cache.slots(seq.block_table, start, end)
-            ctx = torch.tensor(self.cache.slots(seq.block_table, 0, end), dtype=torch.long, device=self.device)
-            slices.append(SeqSlice(q_start, n, ctx))
-            if end == len(seq):
-                last_rows.append(len(ids) - 1)
-                to_sample.append(seq)
+            write += self.cache.slots(table, start, end)
         meta = PagedBatch(self.cache, torch.tensor(write, dtype=torch.long, device=self.device), slices)
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = torch.tensor(pos, device=self.device)
+        return (torch.tensor([ids], device=self.device), torch.tensor(pos, device=self.device), meta, rows)
+
+    @torch.inference_mode()
+    def forward(self, items: list[Item]) -> list[torch.Tensor]:
+        """Main model over each item's tokens -> per item the final normed hidden states [n, D]."""
+        input_ids, positions, meta, rows = self._pack(items)
         h, _, _ = self.model.hidden_states(input_ids, cache=meta, absorb=True, positions=positions)
-        for seq, n in batch:
-            seq.num_computed += n
-        if not to_sample:
-            return [], None
-        logits = self.model.lm_head(h[0, last_rows]).float()                 # [B, V]
-        params = [s.params for s in to_sample]
-        counts = mask = None
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            counts, mask = penalty_inputs([s.prompt for s in to_sample], [s.output for s in to_sample],
-                                          logits.shape[-1], device=self.device)
-        out = sample(logits, params, [s.generator for s in to_sample], counts, mask)
-        return to_sample, out
+        return [h[0, r] for r in rows]
+
+    @torch.inference_mode()
+    def forward_mtp(self, items: list[Item], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The (first) MTP module: item tokens are t_{i+1}, ``hidden`` the matching h_i [n, D]
+        -> per item the module's hidden states [n, D] (before its norm). Writes the MTP cache layer."""
+        input_ids, positions, meta, rows = self._pack(items)
+        module = self.model.mtp[0]
+        cos, sin = self.model.rope(positions)
+        out = module(torch.cat(hidden)[None], self.model.embed_tokens(input_ids), cos, sin, cache=meta, absorb=True)
+        return [out[0, r] for r in rows]
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()
+
+    @torch.inference_mode()
+    def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.mtp[0].norm(h)).float()

@@ -37,7 +37,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq.block_table)
         seq.block_hashes.clear()
-        seq.num_computed = 0
+        seq.reset_cache_state()
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -53,6 +53,10 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if n <= 0:
                 break
+            # Draft tokens ride along when the sequence reaches its end this step (room permitting).
+            if seq.draft and (seq.num_computed + n < len(seq) or n + len(seq.draft) > budget
+                              or not self.bm.grow(seq.block_table, len(seq) + len(seq.draft))):
+                seq.draft, seq.draft_probs = [], None
             while not self.bm.grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -60,18 +64,21 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 batch.append((seq, n))
-                budget -= n
+                budget -= n + len(seq.draft)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
                 seq.block_table, seq.block_hashes = self.bm.match_prefix(seq.tokens)
                 seq.num_computed = len(seq.block_table) * self.bm.block_size
+                # Shared blocks carry the MTP layer's entries too; if one is slightly off for this
+                # request it only lowers draft acceptance, never changes the output.
+                seq.mtp_computed = seq.num_computed
             n = min(seq.num_uncomputed, budget)
             if not self.bm.grow(seq.block_table, seq.num_computed + n):
                 # Don't sit on shared prefix blocks while waiting: running sequences may need them.
                 self.bm.free(seq.block_table)
                 seq.block_hashes.clear()
-                seq.num_computed = 0
+                seq.reset_cache_state()
                 if not self.running:  # everything is free and it still doesn't fit (add() prevents this)
                     raise RuntimeError("cache too small for a single request")
                 break

@@ -31,6 +31,20 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     num_preemptions: int = 0
+    # MTP speculative decoding: draft tokens to verify next step (and their draft distributions
+    # when sampling), and the main-model hidden states of positions [mtp_computed, num_computed)
+    # that the MTP module has not consumed yet.
+    draft: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
+    mtp_computed: int = 0
+    pending_hidden: list[torch.Tensor] = field(default_factory=list)
+
+    def reset_cache_state(self) -> None:
+        """Forget everything cached (preemption): it will all be recomputed."""
+        self.num_computed = self.mtp_computed = 0
+        self.pending_hidden.clear()
+        self.draft = []
+        self.draft_probs = None
 
     @property
     def tokens(self) -> list[int]:
