@@ -687,15 +687,19 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     print(format_bench_train(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"written: {args.json}")
+        _write_json(args.json, result)
     if result.get("first_loss_match") is False:
         print(f"{PROG}: error: first-step losses differ by {result['first_loss_abs_diff']:.3g}: "
               f"not the same model", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"written: {path}")
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
@@ -711,10 +715,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     print(format_bench_decode(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"written: {args.json}")
+        _write_json(args.json, result)
     if result.get("tokens_identical") is False:
         print(f"{PROG}: error: greedy tokens of ours and transformers differ in "
               f"{result['batch'] - result['tokens_identical_sequences']} of {result['batch']} sequences",

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .train import _first_line, _sync, machine_info
+from .train import _first_line, _sync, machine_info, resolve_device, torch_threads
 
 WARMUP_TOKENS = 8        # new tokens per sequence in a warmup round (just enough to touch every code path)
 
@@ -200,19 +200,10 @@ def bench_decode(model: str | Path, batch: int = 1, prompt_len: int = 32, gen_le
         raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
     if not Path(model).is_dir():
         raise ValueError(f"{model}: no such model directory")
-    try:
-        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    dev = resolve_device(device)
+    with torch_threads(threads):
         return _bench_decode(Path(model), batch, prompt_len, gen_len, seed, speculative, num_speculative_tokens,
                              repeats, warmup, dev)
-    finally:
-        torch.set_num_threads(previous_threads)   # process-wide: leave it as found
 
 
 def _bench_decode(model_dir: Path, batch: int, prompt_len: int, gen_len: int, seed: int, speculative: str | None,

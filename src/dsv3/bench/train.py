@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -41,6 +41,28 @@ MAX_PARAMS = 1_000_000_000
 
 
 # ------------------------------------------------------------------------------------- helpers
+def resolve_device(device: str | None) -> torch.device:
+    """The benchmark device (default: cuda if available), checked usable; ValueError otherwise."""
+    try:
+        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    return dev
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``threads`` intra-op threads (None: unchanged), restoring the process-wide setting."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def machine_info(threads: int, device: torch.device) -> dict:
     """What the numbers were measured on."""
     cpu = platform.processor() or "unknown"
@@ -248,19 +270,10 @@ def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, s
     if n_params > MAX_PARAMS:
         raise ValueError(f"{name} has {n_params / 1e9:.1f}B parameters; the benchmark holds two copies with "
                          f"AdamW state in memory (limit {MAX_PARAMS / 1e9:g}B): use a smaller preset")
-    try:
-        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    dev = resolve_device(device)
+    with torch_threads(threads):
         return _bench_train(base, name, cfg, batch_size, seq_len, steps, warmup, seed, mtp, torchtitan,
                             transformers_variants, dev)
-    finally:
-        torch.set_num_threads(previous_threads)   # the setting is process-wide: leave it as found
 
 
 def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int, seq_len: int, steps: int,
