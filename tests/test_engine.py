@@ -15,23 +15,26 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = [[3, 5, 7, 11, 13], [2] * 21, list(range(40, 73)), [9, 8], list(range(10, 27))]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def random_checkpoint(path, mtp_layers: int, seed: int):
     """A random tiny V3 with weights large enough that greedy decoding is far from ties."""
     cfg = dsv3.ModelConfig.from_hf(dict(
         vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
         num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=12, first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=256,
+        v_head_dim=12, first_k_dense_replace=1, num_nextn_predict_layers=mtp_layers, max_position_embeddings=256,
         torch_dtype="float32"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = dsv3.Transformer(cfg)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
-    d = tmp_path_factory.mktemp("ckpt")
-    dsv3.save_pretrained(m, d)
-    return d
+    dsv3.save_pretrained(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), mtp_layers=0, seed=0)
 
 
 def reference_greedy(model, prompt, n):
@@ -144,21 +147,8 @@ def test_block_manager_prefix_sharing_and_eviction():
 
 @pytest.fixture(scope="module")
 def mtp_checkpoint(tmp_path_factory):
-    """A random tiny V3 with one (random) MTP module: drafts are often wrong, which exercises rejection."""
-    cfg = dsv3.ModelConfig.from_hf(dict(
-        vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=4, topk_group=2,
-        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=12, first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
-        torch_dtype="float32"))
-    torch.manual_seed(1)
-    m = dsv3.Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
-    d = tmp_path_factory.mktemp("mtp")
-    dsv3.save_pretrained(m, d)
-    return d
+    """With one (random) MTP module: its drafts are mostly wrong, which exercises rejection."""
+    return random_checkpoint(tmp_path_factory.mktemp("mtp"), mtp_layers=1, seed=1)
 
 
 @pytest.mark.parametrize("k", [1, 3])
