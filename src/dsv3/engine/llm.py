@@ -123,20 +123,24 @@ class LLM:
             items.append((toks + seq.draft, seq.num_computed, seq.block_table))
         hidden = self.runner.forward(items)
         plain: list[tuple[Sequence, torch.Tensor]] = []
+        drafted: list[tuple[Sequence, int, torch.Tensor]] = []
         advanced = []
         for (seq, n), h in zip(batch, hidden):
             ends = seq.num_computed + n == len(seq)
             if not ends:                       # a prompt chunk: nothing to sample yet
                 self._computed(seq, n, h[:n])
-                continue
-            if seq.draft:
-                accepted = self._verify(seq, self.runner.logits(h[n - 1:]))
-                self._computed(seq, n + len(accepted) - 1, h[: n + len(accepted) - 1])
-                self._append(seq, accepted)
-                advanced.append(seq)
+            elif seq.draft:
+                drafted.append((seq, n, h))
             else:
                 self._computed(seq, n, h[:n])
                 plain.append((seq, h[n - 1]))
+        if drafted:  # one head call for every draft-carrying sequence: rows after the last token and each draft
+            logits = self.runner.logits(torch.cat([h[n - 1:] for _, n, h in drafted]))
+            for (seq, n, h), lg in zip(drafted, logits.split([len(s.draft) + 1 for s, _, _ in drafted])):
+                accepted = self._verify(seq, lg)
+                self._computed(seq, n + len(accepted) - 1, h[: n + len(accepted) - 1])
+                self._append(seq, accepted)
+                advanced.append(seq)
         if plain:
             seqs = [s for s, _ in plain]
             logits = self.runner.logits(torch.stack([h for _, h in plain]))

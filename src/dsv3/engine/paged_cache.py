@@ -46,20 +46,38 @@ class SeqSlice:
 
 
 class PagedBatch:
-    """Per-forward metadata; ``attend`` writes the new latents and runs attention per sequence."""
+    """Per-forward metadata; ``attend`` writes the new latents and runs attention per sequence.
+
+    When every sequence brings at most ``MAX_BATCHED_QUERIES`` tokens (decoding, and verifying
+    speculative drafts), attention runs for all of them at once over padded ``[B, T_max]`` latents;
+    longer prompt chunks go one sequence at a time.
+    """
+
+    MAX_BATCHED_QUERIES = 16
 
     def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, seqs: list[SeqSlice]):
         self.cache, self.write_slots, self.seqs = cache, write_slots, seqs
-        self.decode_only = all(s.q_len == 1 for s in seqs)
-        if self.decode_only:
-            # One padded gather for the whole batch: [B, T_max] slots and a validity mask.
+        self.batched = all(s.q_len <= self.MAX_BATCHED_QUERIES for s in seqs)
+        if self.batched:
+            dev = write_slots.device
+            B, Q = len(seqs), max(s.q_len for s in seqs)
             T = max(len(s.context_slots) for s in seqs)
-            idx = torch.zeros(len(seqs), T, dtype=torch.long, device=write_slots.device)
-            mask = torch.zeros(len(seqs), 1, T, dtype=torch.bool, device=write_slots.device)
+            idx = torch.zeros(B, T, dtype=torch.long, device=dev)                # context slots, padded
+            rows = torch.zeros(B, Q, dtype=torch.long, device=dev)               # query rows of the packed batch
+            valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
+            ctx_len = torch.zeros(B, 1, 1, dtype=torch.long, device=dev)
+            q_len = torch.zeros(B, 1, 1, dtype=torch.long, device=dev)
             for i, s in enumerate(seqs):
                 idx[i, : len(s.context_slots)] = s.context_slots
-                mask[i, 0, : len(s.context_slots)] = True
-            self.padded_idx, self.padded_mask = idx, mask
+                rows[i, : s.q_len] = torch.arange(s.q_start, s.q_start + s.q_len, device=dev)
+                valid[i, : s.q_len] = True
+                ctx_len[i], q_len[i] = len(s.context_slots), s.q_len
+            qi = torch.arange(Q, device=dev)[None, :, None]
+            t = torch.arange(T, device=dev)[None, None, :]
+            # query i of a sequence sits at position ctx_len - q_len + i and sees keys up to it
+            mask = (t <= ctx_len - q_len + qi) & (qi < q_len)
+            mask[:, :, 0] |= ~valid  # padded query rows look at one key (no all -inf row); discarded
+            self.padded_idx, self.q_rows, self.q_valid, self.padded_mask = idx, rows, valid, mask
 
     def attend(self, mla, q_nope, q_pe, c_kv, k_pe, start_pos: int, absorb: bool) -> torch.Tensor:
         """q_nope [1,N,H,nope], q_pe [1,N,H,rope], new c_kv [1,N,r], k_pe [1,N,rope] -> [1,N,H,v]."""
@@ -67,11 +85,11 @@ class PagedBatch:
         store_c, store_k = self.cache.c_kv[layer], self.cache.k_pe[layer]
         store_c[self.write_slots] = c_kv[0].to(store_c.dtype)
         store_k[self.write_slots] = k_pe[0].to(store_k.dtype)
-        if self.decode_only:
-            # Absorbed attention for all sequences at once: [B,1,H,*] queries over [B,T,*] latents.
-            out = mla.absorbed_attention(q_nope[0].unsqueeze(1), q_pe[0].unsqueeze(1),
+        if self.batched:
+            # Absorbed attention for all sequences at once: [B,Q,H,*] queries over [B,T,*] latents.
+            out = mla.absorbed_attention(q_nope[0][self.q_rows], q_pe[0][self.q_rows],
                                          store_c[self.padded_idx], store_k[self.padded_idx], self.padded_mask)
-            return out.transpose(0, 1)                                           # [1,B,H,v]
+            return out[self.q_valid].unsqueeze(0)                                # [1,N,H,v], packed order
         outs = []
         for s in self.seqs:
             q = slice(s.q_start, s.q_start + s.q_len)
