@@ -418,11 +418,11 @@ def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_
         raise CLIError(str(e)) from None
 
 
-def _spec_line(llm) -> str | None:
-    """One line of MTP acceptance statistics, or None without speculation."""
+def _print_spec_stats(llm) -> None:
+    """One line of MTP acceptance statistics on stderr (nothing without speculation)."""
     stats = getattr(llm, "spec_stats", None)
     if not getattr(llm, "num_spec", 0) or not stats:
-        return None
+        return
     drafted, accepted = stats.get("drafted", 0), stats.get("accepted", 0)
     rate = stats.get("acceptance_rate", accepted / drafted if drafted else None)
     length = stats.get("mean_accepted_length")
@@ -431,7 +431,7 @@ def _spec_line(llm) -> str | None:
         text += f" ({100 * rate:.1f}%)"
     if length is not None:
         text += f", {length:.2f} tokens per verification step"
-    return text
+    print(f"[{text}]", file=sys.stderr)
 
 
 def add_generate_parser(subparsers) -> None:
@@ -502,9 +502,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_tokens = sum(len(o.token_ids) for o in outputs)
     print(f"[{len(outputs)} completion{'s' * (len(outputs) != 1)}, {n_tokens} tokens in {elapsed:.2f} s, "
           f"{n_tokens / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
-    spec_line = _spec_line(llm)
-    if spec_line:
-        print(f"[{spec_line}]", file=sys.stderr)
+    _print_spec_stats(llm)
     return 0
 
 
@@ -610,9 +608,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for special in SPECIAL_TOKENS:
             content = content.replace(special, "")
         history.append({"role": "assistant", "content": content.strip()})
-    spec_line = _spec_line(llm)
-    if spec_line:
-        print(f"[{spec_line}]", file=sys.stderr)
+    _print_spec_stats(llm)
     return 0
 
 
