@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -334,7 +335,7 @@ def format_train_summary(s: dict) -> str:
 
 
 # ---------------------------------------------------------------------- experiment
-def add_experiment_parser(subparsers) -> None:
+def add_experiment_parser(subparsers):
     p = add_command(subparsers, "experiment", cmd_experiment, help="reproduce a paper ablation at small scale")
     sub = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
     b = sub.add_parser("balance", formatter_class=HelpFormatter,
@@ -343,6 +344,7 @@ def add_experiment_parser(subparsers) -> None:
                                    "gamma=1e-3, neither) and compare val perplexity, MaxVio_global, MaxVio_batch.")
     add_train_args(b, resume_flag=False)
     b.set_defaults(func=cmd_experiment)
+    return sub
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -613,7 +615,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- bench
-def add_bench_parser(subparsers) -> None:
+def add_bench_parser(subparsers):
     p = add_command(subparsers, "bench", cmd_bench, help="benchmarks against peer implementations, in one run",
                     description="Each benchmark measures ours and its peers in the same process on the same "
                                 "config, data and thread count, and reports the ratio.")
@@ -665,6 +667,7 @@ def add_bench_parser(subparsers) -> None:
     d.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
     d.set_defaults(func=cmd_bench, bench_run=_cmd_bench_decode)
+    return sub
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -722,8 +725,13 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- entry point
 # One function per subcommand, each adding its parser (and its cmd_* through add_command).
-SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_experiment_parser, add_bench_parser,
-                               add_generate_parser, add_chat_parser]
+SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_generate_parser, add_chat_parser]
+
+# Subcommands that live beside their feature. Each module defines
+# ``add_parsers(subparsers, bench, experiment)``: top-level commands go into ``subparsers``,
+# ``dsv3 bench NAME`` into ``bench`` and ``dsv3 experiment NAME`` into ``experiment``. These modules
+# must stay cheap to import (heavy imports go inside their cmd_* functions).
+FEATURE_CLIS: list[str] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
+    experiment = add_experiment_parser(subparsers)
+    bench = add_bench_parser(subparsers)
+    for name in FEATURE_CLIS:
+        importlib.import_module(name).add_parsers(subparsers, bench, experiment)
     return parser
 
 
