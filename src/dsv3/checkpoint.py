@@ -45,8 +45,13 @@ NAME_TABLE: list[tuple[str, str]] = [
     (r"norm\.weight", "model.norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
     (r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", "model.layers.{0}.mlp.experts.{expert}.{1}.weight"),
+    # FP8 experts kept as FP8 (dsv3.quant): stacked per-expert block scales
+    (r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv",
+     "model.layers.{0}.mlp.experts.{expert}.{1}.weight_scale_inv"),
     (r"layers\.(\d+)\.(.+)", "model.layers.{0}.{1}"),
     (r"mtp\.(\d+)\.block\.mlp\.experts\.(gate_proj|up_proj|down_proj)", "model.layers.{mtp}.mlp.experts.{expert}.{1}.weight"),
+    (r"mtp\.(\d+)\.block\.mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv",
+     "model.layers.{mtp}.mlp.experts.{expert}.{1}.weight_scale_inv"),
     (r"mtp\.(\d+)\.block\.(.+)", "model.layers.{mtp}.{1}"),
     (r"mtp\.(\d+)\.norm\.weight", "model.layers.{mtp}.shared_head.norm.weight"),
     (r"mtp\.(\d+)\.(enorm|hnorm|eh_proj)\.(weight|bias)", "model.layers.{mtp}.{1}.{2}"),
@@ -182,13 +187,16 @@ def _block_size(config: ModelConfig) -> tuple[int, int]:
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, max_seq_len: int | None = None,
-                    strict: bool = True) -> Transformer:
+                    strict: bool = True, keep_fp8: bool = False) -> Transformer:
     """Load a DeepSeek-V3/V2 checkpoint in the HF layout into a :class:`~dsv3.Transformer`.
 
     dtype: the parameters' dtype (default: the checkpoint's ``torch_dtype``; FP8 -> bfloat16).
     device: where to allocate (default CPU). max_seq_len: the run's context (matters only for
     ``yarn_mode="past_original"``). strict: unexpected tensors are an error (else a warning).
     A checkpoint without any MTP tensors (e.g. exported by transformers) loads without MTP.
+    keep_fp8: keep FP8-stored weights as ``float8_e4m3fn`` + scales in :mod:`dsv3.quant` FP8 layers
+    (half the memory of bf16) instead of dequantizing them; a checkpoint without FP8 weights is
+    quantized after loading (``dsv3.quant.quantize_model``).
     """
     path = Path(path)
     if not path.is_dir():
@@ -213,9 +221,17 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     for m in model.modules():  # the router's selection bias stays fp32, as in the official checkpoints
         if isinstance(m, Router) and m.e_score_correction_bias is not None:
             m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+    block = _block_size(config)
+    if keep_fp8 and any(reader.info(n)[1] in _FP8_DTYPES for n in names):
+        from .quant import replace_with_fp8
+        replace_with_fp8(model, block, (config.quantization_config or {}).get("scale_fmt"), quantize=False,
+                         select=lambda hf: hf in names and reader.info(hf)[1] in _FP8_DTYPES)
+    elif keep_fp8:
+        model = load_pretrained(path, dtype, device, max_seq_len, strict)
+        from .quant import quantize_model
+        return quantize_model(model)
     targets = name_map(model)
     shared = _shared_copy_names(config)
-    block = _block_size(config)
 
     # Check everything against the headers before reading any data.
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
@@ -264,7 +280,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             reader.close_all_but(reader.files[hf])
             t = reader.get(hf)
             target = state[ours] if e is None else state[ours][e]
-            if st_dtype in _FP8_DTYPES:
+            if st_dtype in _FP8_DTYPES and target.dtype != fp8.FP8_DTYPE:
                 t = fp8.dequantize_blockwise(t, reader.get(hf + SCALE_SUFFIX), block, dtype=torch.float32)
             target.copy_(t)
     model.config = config
@@ -326,6 +342,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
     def prepare(hf: str, t: torch.Tensor):
         t = t.detach()
+        if t.dtype == fp8.FP8_DTYPE or hf.endswith(SCALE_SUFFIX):  # already FP8 (dsv3.quant): as it is
+            return [(hf, t.contiguous().clone())]
         if fp8_weights and _quantizable(hf):
             q, s = fp8.quantize_blockwise(t, block_size)
             return [(hf, q), (hf + SCALE_SUFFIX, s)]
@@ -352,7 +370,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
     hf_config = config.to_hf()
     hf_config.pop("quantization_config", None)  # describes the weights as written below, if at all
-    if fp8_weights:
+    if any(t.dtype == fp8.FP8_DTYPE for _, t in tensors):  # a model holding FP8 layers keeps its layout
+        hf_config["quantization_config"] = dict(config.quantization_config or {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(fp8.DEFAULT_BLOCK)})
+    elif fp8_weights:
         hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                             "weight_block_size": list(block_size)}
     stored = dtype if dtype is not None else (torch.bfloat16 if fp8_weights else model.embed_tokens.weight.dtype)
