@@ -145,6 +145,8 @@ class LLM:
             seqs = [s for s, _ in plain]
             logits = self.runner.logits(torch.stack([h for _, h in plain]))
             params = [s.params for s in seqs]
+            if any(s.params.logits_processors for s in seqs):   # per-request processors (e.g. grammar masks)
+                logits = torch.stack([_apply_processors(s, row) for s, row in zip(seqs, logits)])
             counts = mask = None
             if any(_uses_penalty(p) for p in params):
                 counts, mask = penalty_inputs([s.prompt for s in seqs], [s.output for s in seqs],
@@ -179,7 +181,7 @@ class LLM:
     def _spec_ok(self, seq: Sequence) -> bool:
         # Penalties change the distribution token by token and logprobs are reported per sampled
         # token; such requests decode one token at a time.
-        return not _uses_penalty(seq.params) and seq.params.logprobs is None
+        return not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """logits [k+1, V] of the main model after the last token and each draft -> tokens to emit."""
@@ -279,6 +281,12 @@ class LLM:
             if len(seq.output) > seen or seq.finished:
                 seen = len(seq.output)
                 yield self.output_of(seq)
+
+
+def _apply_processors(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+    for proc in seq.params.logits_processors:
+        logits = proc(seq.output, logits)
+    return logits
 
 
 def _uses_penalty(p: SamplingParams) -> bool:

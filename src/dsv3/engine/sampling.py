@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -62,6 +62,10 @@ class SamplingParams:
         logprobs: ``None``: no log-probabilities requested; ``0``: only the sampled token's; ``n > 0``:
             also the ``n`` most likely alternatives at every step (OpenAI caps this at 20; we do not).
         n: number of completions to return for the prompt, ``>= 1``.
+        logits_processors: callables ``f(output_token_ids, logits) -> logits`` applied in order to
+            this request's next-token logits ``[V]`` before penalties and sampling (e.g. a grammar's
+            token mask: disallowed tokens set to ``-inf``). A request with processors is never given
+            speculative drafts, since the drafts would skip the processors.
     """
 
     temperature: float = 1.0
@@ -78,6 +82,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     n: int = 1
+    logits_processors: Sequence[Callable] = ()
 
     def __post_init__(self) -> None:
         # A lone string is a common slip for a one-element list; splitting it into characters would be

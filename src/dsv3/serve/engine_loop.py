@@ -1,0 +1,202 @@
+"""The one engine thread behind the server: continuous batching across every HTTP request.
+
+Handlers never touch :class:`dsv3.LLM` themselves. They :meth:`EngineLoop.submit` a
+:class:`Generation` (prompt ids, sampling parameters, an asyncio queue) and read deltas from its
+queue; the engine thread owns the LLM: it takes new requests and cancellations from a thread-safe
+command queue, runs ``LLM.step()`` while anything is scheduled, and hands each sequence's new tokens
+to its asyncio queue through ``loop.call_soon_threadsafe``. So ``add_request``, ``step`` and
+``abort`` always run on the same thread, between steps.
+
+The queue is bounded: :meth:`submit` refuses (:class:`QueueFull`) when ``max_pending`` sequences are
+already accepted and unfinished, and the server answers 429 with ``Retry-After``. A cancelled
+generation (the client went away) is aborted in the engine, which frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import ServerMetrics
+
+# How long the idle engine thread sleeps on its command queue before looking again (seconds);
+# any command wakes it at once, this only bounds how late it notices a stop request.
+IDLE_POLL_S = 0.5
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's queue is full, retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Delta:
+    """New output of one generation since the previous delta."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Generation:
+    """One sequence to generate, as the HTTP side sees it."""
+
+    prompt_ids: list[int]
+    params: object                                   # dsv3.SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue                               # receives (tag, Delta)
+    tag: int = 0                                     # e.g. the choice index of an n > 1 request
+    created: float = field(default_factory=time.monotonic)
+    seq: object = None                               # the engine's Sequence, set by the engine thread
+    cancelled: bool = False
+    first_token_at: float | None = None
+    sent: int = 0                                    # output tokens already handed over
+
+
+class EngineLoop:
+    """Runs ``llm`` on a daemon thread; see the module docstring.
+
+    Args:
+        llm: a :class:`dsv3.LLM`.
+        metrics: gauges and counters to update after each step.
+        max_pending: sequences accepted and not yet finished, at most (the bounded queue).
+        retry_after: seconds a refused client is told to wait.
+    """
+
+    def __init__(self, llm, metrics: ServerMetrics, max_pending: int, retry_after: int = 1):
+        self.llm, self.metrics = llm, metrics
+        self.max_pending, self.retry_after = max_pending, retry_after
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._live: dict[int, Generation] = {}          # seq_id -> generation, engine thread only
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+        self.threads = torch.get_num_threads()
+
+    # ------------------------------------------------------------------ HTTP side (event loop thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, gens: list[Generation]) -> None:
+        """Queue the generations of one request, all or none (``QueueFull``)."""
+        with self._lock:
+            if self._pending + len(gens) > self.max_pending:
+                self.metrics.rejected.inc()
+                raise QueueFull(self.retry_after)
+            self._pending += len(gens)
+            self.metrics.pending.set(self._pending)
+        for g in gens:
+            self._commands.put(("add", g))
+
+    def cancel(self, gens: list[Generation]) -> None:
+        """Abort generations whose client is gone (finished ones are left alone)."""
+        for g in gens:
+            self._commands.put(("abort", g))
+
+    # ------------------------------------------------------------------ engine thread
+    def _release(self, n: int = 1) -> None:
+        with self._lock:
+            self._pending -= n
+            self.metrics.pending.set(self._pending)
+
+    def _send(self, gen: Generation, delta: Delta) -> None:
+        gen.loop.call_soon_threadsafe(gen.out.put_nowait, (gen.tag, delta))
+
+    def _handle(self, kind: str, gen: Generation | None) -> None:
+        if kind == "add":
+            if gen.cancelled:
+                self._release()
+                return
+            try:
+                gen.seq = self.llm.add_request(gen.prompt_ids, gen.params)
+            except ValueError as e:            # the HTTP side checks limits first; this is the backstop
+                self._release()
+                self._send(gen, Delta([], [], [], "error", str(e)))
+                return
+            self._live[gen.seq.seq_id] = gen
+        elif kind == "abort":
+            gen.cancelled = True
+            seq = gen.seq
+            if seq is not None and self._live.pop(seq.seq_id, None) is not None:
+                self.llm.abort(seq)
+                self.metrics.aborted.inc()
+                self._release()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                busy = self.llm.scheduler.has_work()
+                try:
+                    kind, gen = self._commands.get(block=not busy, timeout=None if busy else IDLE_POLL_S)
+                    self._handle(kind, gen)
+                    while True:                     # everything else that arrived meanwhile
+                        kind, gen = self._commands.get_nowait()
+                        self._handle(kind, gen)
+                except queue.Empty:
+                    pass
+                if self.llm.scheduler.has_work():
+                    self._step()
+                else:
+                    self._update_gauges(0)
+
+    def _step(self) -> None:
+        try:
+            advanced = self.llm.step()
+        except Exception as e:                     # a bug: fail the running requests, keep serving
+            for gen in list(self._live.values()):
+                self._send(gen, Delta([], [], [], "error", f"engine error: {type(e).__name__}: {e}"))
+                self.llm.abort(gen.seq)
+            self._release(len(self._live))
+            self._live.clear()
+            return
+        new_tokens = 0
+        now = time.monotonic()
+        for seq in advanced:
+            gen = self._live.get(seq.seq_id)
+            if gen is None:
+                continue
+            sent = gen.sent
+            toks = seq.output[sent:]
+            new_tokens += len(toks)
+            gen.sent = len(seq.output)
+            if gen.first_token_at is None and toks:
+                gen.first_token_at = now
+                self.metrics.ttft.observe(now - gen.created)
+            want_lp = seq.params.logprobs is not None
+            delta = Delta(list(toks), list(seq.logprobs[sent:]) if want_lp else [],
+                          list(seq.top_logprobs[sent:]) if want_lp else [],
+                          seq.finish_reason if seq.finished else None)
+            self._send(gen, delta)
+            if seq.finished:
+                del self._live[seq.seq_id]
+                self.llm._stop_text.pop(seq.seq_id, None)      # the server cuts stop strings itself
+                self.metrics.latency.observe(now - gen.created)
+                self._release()
+        self._update_gauges(new_tokens)
+
+    def _update_gauges(self, new_tokens: int) -> None:
+        bm, sched = self.llm.block_manager, self.llm.scheduler
+        self.metrics.record_step(new_tokens, len(sched.waiting), len(sched.running), bm.num_blocks - bm.num_free,
+                                 bm.num_blocks)

@@ -1,0 +1,280 @@
+"""Constrained decoding with xgrammar: JSON output and forced tool calls that always parse.
+
+A constraint is a per-request logits processor for the engine
+(``SamplingParams.logits_processors``): called with the ids generated so far and the next-token
+logits ``[V]``, it returns the logits with every token the constraint forbids set to ``-inf``. The
+engine samples from what is left, so whatever the model (even a random one) prefers, the output
+stays inside the language:
+
+* ``response_format: json_object`` -- any JSON object, then EOS;
+* ``response_format: json_schema`` -- JSON valid under the schema, then EOS;
+* ``tool_choice: required`` / a named function -- the DeepSeek-V3 tool-call block::
+
+      <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
+      ...<｜tool▁calls▁end｜><｜end▁of▁sentence｜>
+
+  with NAME one of the offered functions and ARGS valid under that function's parameter schema.
+
+The special-token markers are single ids, forced one at a time by the constraint itself; xgrammar
+matches only the text between them (NAME, the fences and the JSON), over a token table where every
+special token is an empty string (so xgrammar never emits one). Two details make "always parses"
+hold for strict JSON parsers: the JSON is compact (``any_whitespace=False``), and tokens holding raw
+control characters are masked out (xgrammar's string rule lets some of them through, but
+``json.loads`` rejects a raw control character inside a string).
+
+With thinking on, the reply first runs free up to ``</think>`` (EOS and tool markers masked) and
+the constraint applies from there.
+
+Generation can still be cut by ``max_tokens`` (``finish_reason: "length"``), as with OpenAI.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+from ..tokenizer import (EOS_TOKEN, THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+                         TOOL_SEP)
+from .protocol import APIError
+
+# Bytes a compact JSON text never holds raw: C0 controls (inside strings they must be escaped; the
+# compact layout needs no whitespace). The tool-call block itself uses "\n" around its fences.
+_CONTROL_BYTES = frozenset(range(0x20))
+
+
+class GrammarBackend:
+    """xgrammar's tokenizer table and compiler for one model, built on first use.
+
+    Args:
+        tokenizer: the model's :class:`dsv3.tokenizer.Tokenizer`.
+        vocab_size: the model's ``vocab_size`` (the logits' width; may exceed the tokenizer's).
+        cache_size: compiled grammars kept (keyed by schema / tool list), most recent first.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 64):
+        self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._cache: dict[str, Any] = {}
+
+    def _setup(self) -> None:
+        import xgrammar as xgr
+
+        tok = self.tokenizer
+        vocab = tok.backend.get_vocab(with_added_tokens=True)
+        encoded = [""] * tok.vocab_size
+        for piece, i in vocab.items():
+            encoded[i] = "" if i in tok.special_ids else piece     # empty = never produced by a grammar
+        self._xgr = xgr
+        self.info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
+                                      stop_token_ids=[tok.eos_id])
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        # [V] bool: tokens whose bytes hold a control character other than "\n" (JSON never needs
+        # them raw), and the same with "\n" too for plain JSON output.
+        bad_nl = torch.zeros(self.vocab_size, dtype=torch.bool)
+        bad = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for i in range(tok.vocab_size):
+            if i in tok.special_ids:
+                continue
+            raw = tok.decode([i]).encode("utf-8", "surrogatepass")
+            ctrl = _CONTROL_BYTES.intersection(raw)
+            bad_nl[i] = bool(ctrl)
+            bad[i] = bool(ctrl - {0x0A})
+        self.control_mask, self.control_mask_keep_newline = bad_nl, bad
+
+    def _compiled(self, key: str, build) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                self._setup()
+            hit = self._cache.pop(key, None)
+            if hit is None:
+                hit = build(self._xgr, self._compiler)
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = hit
+            return hit
+
+    # -------------------------------------------------------------------------------- factories
+    def json_constraint(self, schema: dict | None, thinking: bool = False) -> "JSONConstraint":
+        """A constraint for one JSON value: any object (``schema=None``) or one valid under ``schema``."""
+        key = "json:" + (json.dumps(schema, sort_keys=True) if schema is not None else "object")
+
+        def build(xgr, compiler):
+            try:
+                if schema is None:
+                    grammar = xgr.Grammar.from_json_schema(json.dumps({"type": "object"}), any_whitespace=False,
+                                                           strict_mode=False)
+                else:
+                    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+                return compiler.compile_grammar(grammar)
+            except Exception as e:   # xgrammar raises RuntimeError/ValueError subclasses for bad schemas
+                raise APIError(400, f"response_format.json_schema.schema is not a usable JSON schema: {e}",
+                               param="response_format") from None
+
+        compiled = self._compiled(key, build)
+        return JSONConstraint(self, compiled, thinking)
+
+    def tool_constraint(self, tools: list[dict], parallel: bool, thinking: bool = False) -> "ToolCallConstraint":
+        """A constraint forcing a tool-call block that calls functions of ``tools`` with valid arguments."""
+        key = "tools:" + json.dumps([t["function"] for t in tools], sort_keys=True)
+
+        def build(xgr, compiler):
+            options = []
+            for tool in tools:
+                fn = tool["function"]
+                params = fn.get("parameters") or {"type": "object", "properties": {}}
+                try:
+                    args = xgr.Grammar.from_json_schema(json.dumps(params), any_whitespace=False)
+                except Exception as e:
+                    raise APIError(400, f"tools: parameters of {fn['name']!r} are not a usable JSON schema: {e}",
+                                   param="tools") from None
+                # Names match [A-Za-z0-9_-]+ (checked by the server), so they are safe inside a literal.
+                head = xgr.Grammar.from_ebnf(f'root ::= "{fn["name"]}\\n```json\\n"')
+                tail = xgr.Grammar.from_ebnf('root ::= "\\n```"')
+                options.append(xgr.Grammar.concat(head, args, tail))
+            grammar = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
+            return compiler.compile_grammar(grammar)
+
+        compiled = self._compiled(key, build)
+        return ToolCallConstraint(self, compiled, parallel, thinking)
+
+
+class _Constraint:
+    """Shared machinery: catch up on generated ids, then mask. Subclasses define the token program."""
+
+    def __init__(self, backend: GrammarBackend, thinking: bool):
+        self.backend = backend
+        self.tok = backend.tokenizer
+        self.in_thinking = thinking
+        self.seen = 0
+        self.matcher = None
+        self.bitmask = None
+        self.failed = False            # a token outside the language was accepted (never by sampling)
+
+    def _new_matcher(self, compiled, stop_id: int) -> None:
+        xgr = self.backend._xgr
+        self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=[stop_id])
+        if self.bitmask is None:
+            self.bitmask = xgr.allocate_token_bitmask(1, self.backend.vocab_size)
+
+    def _grammar_mask(self, logits: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        out = logits.float().clone().unsqueeze(0)                        # [1, V]
+        self.backend._xgr.apply_token_bitmask_inplace(out, self.bitmask)
+        return out[0].masked_fill(control.to(out.device), float("-inf"))
+
+    @staticmethod
+    def _only(logits: torch.Tensor, allowed: list[int]) -> torch.Tensor:
+        keep = torch.full_like(logits, float("-inf"))
+        idx = torch.tensor(allowed, device=logits.device)
+        keep[idx] = logits[idx].float()
+        return keep
+
+    def _accept_thinking(self, tok: int) -> bool:
+        """While reasoning: True if ``tok`` was consumed by the free-running part."""
+        if not self.in_thinking:
+            return False
+        if tok == self.tok.token_id(THINK_END):
+            self.in_thinking = False
+        return True
+
+    def _thinking_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        # Free text, but no end of reply and no tool block before </think>.
+        banned = [self.tok.eos_id, self.tok.token_id(TOOL_CALLS_BEGIN)]
+        return logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        for tok in output_ids[self.seen:]:
+            if not self._accept_thinking(tok):
+                self.accept(tok)
+        self.seen = len(output_ids)
+        if self.in_thinking:
+            return self._thinking_mask(logits)
+        return self.mask(logits)
+
+    def accept(self, tok: int) -> None:
+        raise NotImplementedError
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class JSONConstraint(_Constraint):
+    """One compact JSON value from the compiled grammar, then EOS."""
+
+    def __init__(self, backend: GrammarBackend, compiled, thinking: bool = False):
+        super().__init__(backend, thinking)
+        self._new_matcher(compiled, self.tok.eos_id)
+
+    def accept(self, tok: int) -> None:
+        if not self.matcher.accept_token(tok):
+            self.failed = True
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.matcher.is_terminated():
+            return self._only(logits, [self.tok.eos_id])
+        return self._grammar_mask(logits, self.backend.control_mask)
+
+
+class ToolCallConstraint(_Constraint):
+    """The V3 tool-call block: forced markers around grammar-matched ``NAME\\n```json\\nARGS\\n````."""
+
+    def __init__(self, backend: GrammarBackend, compiled, parallel: bool, thinking: bool = False):
+        super().__init__(backend, thinking)
+        self.compiled, self.parallel = compiled, parallel
+        t = self.tok
+        self.calls_begin, self.call_begin = t.token_id(TOOL_CALLS_BEGIN), t.token_id(TOOL_CALL_BEGIN)
+        self.sep, self.call_end = t.token_id(TOOL_SEP), t.token_id(TOOL_CALL_END)
+        self.calls_end, self.eos = t.token_id(TOOL_CALLS_END), t.token_id(EOS_TOKEN)
+        # The token program: ids forced one by one, then (when empty) the grammar or a choice.
+        self.forced = [self.calls_begin] + self._call_head()
+        self.choosing = False          # after a call: another call (if parallel) or the end
+
+    def _call_head(self) -> list[int]:
+        return [self.call_begin, *self.tok.encode("function"), self.sep]
+
+    def accept(self, tok: int) -> None:
+        if self.forced:
+            if tok != self.forced.pop(0):
+                self.failed = True
+            if not self.forced and self.matcher is None and not self.choosing and not self.failed \
+                    and tok == self.sep:
+                self._new_matcher(self.compiled, self.call_end)
+            return
+        if self.choosing:
+            self.choosing = False
+            if tok == self.call_begin:
+                self.forced = self._call_head()[1:]
+            elif tok == self.calls_end:
+                self.forced = [self.eos]
+            else:
+                self.failed = True
+            return
+        if self.matcher is not None:
+            if not self.matcher.accept_token(tok):
+                self.failed = True
+            if self.matcher.is_terminated():       # it accepted <｜tool▁call▁end｜>
+                self.matcher = None
+                self.choosing = True
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.forced:
+            return self._only(logits, [self.forced[0]])
+        if self.choosing:
+            return self._only(logits, [self.call_begin, self.calls_end] if self.parallel else [self.calls_end])
+        if self.matcher is not None:
+            return self._grammar_mask(logits, self.backend.control_mask_keep_newline)
+        return self._only(logits, [self.eos])      # the block is complete
+
+
+class BanTokens:
+    """A processor that never lets the given ids through (``tool_choice: "none"`` bans the tool block)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = list(ids)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(0, torch.tensor(self.ids, device=logits.device), float("-inf"))
