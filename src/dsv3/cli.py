@@ -268,6 +268,11 @@ def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None
     p.add_argument("--max-nonfinite", type=positive_int, default=d.max_nonfinite,
                    help="stop after this many non-finite losses in a row")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 mixed precision (DeepSeek-V3 recipe): E4M3 GEMMs in forward and backward with 1x128 "
+                        "activation tiles and 128x128 weight blocks, fp32 master weights, bf16 AdamW moments")
+    p.add_argument("--fp8-block", type=positive_int, default=d.fp8_block,
+                   help="FP8 tile/block size (1xB activation tiles, BxB weight blocks)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 

@@ -173,6 +173,23 @@ def _checkpoint_name(model: nn.Module, name: str, shape: tuple[int, ...]) -> str
     return hf_names(name, shape, model.config)[0][0]
 
 
+def fp8_targets(model: nn.Module):
+    """Yield ``(name, module, checkpoint_name)`` for every layer the official checkpoints keep in FP8:
+    the ``nn.Linear`` layers of attention and MLPs and the stacked routed experts (checked with the
+    checkpoint's own rule, so the two can't drift apart)."""
+    from ..checkpoint import _quantizable
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            param, shape = name + ".weight", tuple(module.weight.shape)
+        elif isinstance(module, RoutedExperts):
+            param, shape = name + ".gate_proj", tuple(module.gate_proj.shape)
+        else:
+            continue
+        hf = _checkpoint_name(model, param, shape)
+        if _quantizable(hf):
+            yield name, module, hf
+
+
 def replace_with_fp8(model: nn.Module, block: tuple[int, int] = fp8.DEFAULT_BLOCK, scale_fmt: str | None = None,
                      quantize: bool = True, select=None) -> list[str]:
     """Swap, in place, every layer the official checkpoints keep in FP8 for its FP8 version.
@@ -181,22 +198,12 @@ def replace_with_fp8(model: nn.Module, block: tuple[int, int] = fp8.DEFAULT_BLOC
     a loader to fill). select: optional ``f(checkpoint_name) -> bool`` to restrict the swap (the
     loader passes "stored as FP8 in this checkpoint"). Returns the swapped module names.
     """
-    from ..checkpoint import _quantizable
     fp8.amax_to_scale(torch.ones(1), scale_fmt)  # validates scale_fmt before anything is swapped
     swapped = []
-    for name, module in list(model.named_modules()):
+    for name, module, hf in fp8_targets(model):
+        if select is not None and not select(hf):
+            continue
         if isinstance(module, nn.Linear):
-            new_cls, param = FP8Linear, name + ".weight"
-            shape = tuple(module.weight.shape)
-        elif isinstance(module, RoutedExperts):
-            new_cls, param = FP8RoutedExperts, name + ".gate_proj"
-            shape = tuple(module.gate_proj.shape)
-        else:
-            continue
-        hf = _checkpoint_name(model, param, shape)
-        if not _quantizable(hf) or (select is not None and not select(hf)):
-            continue
-        if new_cls is FP8Linear:
             new = FP8Linear.from_linear(module, block, scale_fmt, quantize)
         else:
             new = FP8RoutedExperts.from_experts(module, block, scale_fmt, quantize)

@@ -72,6 +72,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None              # default: cuda if available, else cpu
     model_overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests, experiments)
+    fp8: bool = False                      # FP8 mixed precision (train/fp8.py): E4M3 GEMMs, bf16 Adam moments
+    fp8_block: int = 128                   # FP8 tile/block size (1 x b activations, b x b weights)
 
     @property
     def out_dir(self) -> Path:
@@ -254,6 +256,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     mc = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     model = Transformer(mc).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    if cfg.fp8:
+        from .fp8 import FP8TrainingConfig, apply_fp8_training, build_fp8_optimizer
+        apply_fp8_training(model, FP8TrainingConfig(block=cfg.fp8_block))
+        optimizer = build_fp8_optimizer(model, cfg.lr, cfg.weight_decay)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
     start = 0
     if ckpt is not None:
