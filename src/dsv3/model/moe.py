@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.grouped_experts import grouped_mm_usable, grouped_swiglu
 from .mlp import MLP
 
 
@@ -90,6 +91,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
+        if grouped_mm_usable(x, self.gate_proj):  # CUDA + bf16: three grouped GEMMs, same function
+            return grouped_swiglu(x, weights, topk, self.gate_proj, self.up_proj, self.down_proj)
         T, k = topk.shape
         flat = topk.flatten()
         order = flat.argsort(stable=True)              # token-slots grouped by expert
