@@ -35,6 +35,9 @@ from ..model import Transformer
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 0.1
 MTP_WEIGHT = 0.3          # lambda of the MTP loss (DESIGN.md §2), for the optional MTP line
 LOSS_TOL = 1e-4           # first-step losses of two implementations of the same model must agree to this
+# Under bf16 autocast the two round differently (op order, fused kernels): about 3e-4 seen on an H100
+# at loss 10.5 ('small'); a different model would differ by far more.
+LOSS_TOL_AUTOCAST = 2e-3
 # Two copies, each with grads and two AdamW moments (16 bytes/param in fp32): 'small' (0.5B) needs ~16 GB;
 # the 16B and 671B presets are refused.
 MAX_PARAMS = 1_000_000_000
@@ -338,7 +341,8 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         out["first_loss_ours"] = results[0]["first_loss"]
         out["first_loss_transformers"] = ref["first_loss"]
         out["first_loss_abs_diff"] = delta
-        out["first_loss_match"] = delta <= LOSS_TOL
+        out["first_loss_tolerance"] = LOSS_TOL_AUTOCAST if dev.type == "cuda" else LOSS_TOL
+        out["first_loss_match"] = delta <= out["first_loss_tolerance"]
     if titan_info is not None:
         if titan is not None:
             titan_info.update(titan.summary(tokens_per_step))
