@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on held-out text, accuracy on verifiable tasks, lm-eval through the server."""

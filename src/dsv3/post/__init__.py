@@ -1,0 +1,1 @@
+"""Post-training: SFT on chat data, GRPO on verifiable rewards, distillation from a teacher."""

@@ -1,0 +1,381 @@
+"""Group Relative Policy Optimization: ``dsv3 grpo --model SFT --task TASK --out DIR``.
+
+GRPO (DeepSeekMath, arXiv 2402.03300; used for DeepSeek-V3 Chat and R1) needs no value model: per
+prompt ``q`` it samples a group of ``G`` completions ``o_1..o_G`` from the current policy, scores
+them with a verifiable reward ``r_i``, and uses the group-normalized reward as every token's
+advantage::
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)          (std over the group's G rewards)
+
+The loss maximizes, per token ``t`` of completion ``i`` with ``rho = pi(o_t) / pi_old(o_t)``::
+
+    J = 1/G sum_i 1/|o_i| sum_t [ min(rho * A_i, clip(rho, 1-eps, 1+eps) * A_i) - beta * KL_t ]
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1          (the unbiased, always >= 0 "k3" estimator)
+
+against a frozen reference (the starting model). ``pi_old`` is the policy that sampled the group;
+with ``inner_steps = 1`` the ratio is 1 in value and GRPO is a KL-regularized policy gradient, with
+more inner steps the clip bounds how far the policy moves on one batch.
+
+**Sampling uses the inference engine** (:class:`dsv3.LLM`) on the live policy module, under
+no-grad, so rollouts get the paged latent cache and continuous batching. The engine's prefix cache
+holds latents computed with the weights of the time; after an update they are stale, so every step
+builds a fresh engine (cheap: a block table and an empty cache) around the updated module -- no block
+from an earlier step can ever be reused. Log-probabilities for the loss are recomputed with the
+training forward (naive MLA), not taken from the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..train.optim import Schedule, build_optimizer
+from ..train.state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
+                           save_training_checkpoint)
+from ..train.trainer import MetricsLog, _autocast
+
+
+class GRPOError(RuntimeError):
+    """A GRPO run can't start or go on; the message says why."""
+
+
+@dataclass
+class GRPOConfig:
+    """Every knob of a GRPO run; saved in each checkpoint so ``--resume`` continues the same run."""
+
+    model: str = "runs/sft/final"          # the starting policy, also the frozen KL reference
+    task: str = "arithmetic"               # built-in task name or user task FILE.py[:fn] / module[:fn]
+    prompts: str | None = None             # prompts file for a user task
+    out: str = "runs/grpo"
+    steps: int = 50
+    prompts_per_step: int = 8
+    group_size: int = 8                    # G
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2                  # epsilon of the clipped ratio
+    kl_beta: float = 0.04                  # beta of the KL penalty (DeepSeekMath's value)
+    adv_eps: float = 1e-4                  # keeps A finite when a group's rewards barely differ
+    inner_steps: int = 1                   # optimizer steps per sampled batch (mu)
+    micro_batch: int = 16                  # sequences per training forward (memory)
+    seed: int = 0
+    save_every: int = 25
+    eval_every: int = 25                   # greedy accuracy on fixed problems (0: start and end only)
+    eval_problems: int = 64
+    keep_checkpoints: int = 2
+    progress: bool = True
+    device: str | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+
+# --------------------------------------------------------------------------------------- the math
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] (P prompts, G completions each) -> advantages [P, G], normalized per group:
+    ``(r - mean) / (std + eps)`` with the population std of the group's G rewards. A group whose
+    completions all score the same gets zero advantage (nothing to learn from it)."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [prompts, group_size >= 2], got shape {tuple(rewards.shape)}")
+    r = rewards.double()
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    return ((r - mean) / (std + eps)).to(rewards.dtype)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, clip_eps: float, kl_beta: float) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss (to minimize: ``-J``) and statistics.
+
+    logp / old_logp / ref_logp [N, T]: per completion token log-probabilities under the policy (with
+    grad), the sampling policy and the reference; advantages [N] (one per completion); mask [N, T]
+    True on completion tokens. Each completion's tokens are averaged, then the completions.
+    """
+    mask = mask.to(logp.dtype)
+    ratio = (logp - old_logp).exp()
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    kl = k3_kl(logp, ref_logp)
+    per_token = surrogate - kl_beta * kl
+    lengths = mask.sum(1).clamp_min(1)
+    objective = ((per_token * mask).sum(1) / lengths).mean()
+    with torch.no_grad():
+        n = mask.sum().clamp_min(1)
+        clipped = ((ratio - 1).abs() > clip_eps).to(mask.dtype)
+        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((clipped * mask).sum() / n),
+                 "ratio_mean": float((ratio * mask).sum() / n)}
+    return -objective, stats
+
+
+def sequence_logprobs(model, tokens: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+    """tokens [N, T] -> log pi(tokens[:, t+1] | tokens[:, :t+1]) [N, T-1] with the training forward
+    (the grad mode is the caller's)."""
+    out = []
+    step = micro_batch or tokens.shape[0]
+    for i in range(0, tokens.shape[0], step):
+        chunk = tokens[i:i + step]
+        logits = model(chunk[:, :-1])
+        out.append(logits.log_softmax(-1).gather(-1, chunk[:, 1:, None]).squeeze(-1))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------- sampling
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """EOS, and ``<｜User｜>`` (a model starting the next user turn has finished its reply)."""
+    from ..tokenizer import USER_TOKEN
+    ids = {tokenizer.eos_id}
+    try:
+        ids.add(tokenizer.token_id(USER_TOKEN))
+    except KeyError:
+        pass
+    return tuple(sorted(ids))
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """A completion as the reward sees it: special tokens spelled out (``</think>`` matters), without
+    the final stop token."""
+    if ids and ids[-1] in stop_ids(tokenizer):
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+def rollout(model, tokenizer, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int,
+            temperature: float, top_p: float, seed: int) -> list[list[list[int]]]:
+    """``group_size`` sampled completions (token ids, stop token included) per prompt, with a fresh
+    engine on the live ``model`` (see the module doc on stale caches). Seeded per completion."""
+    from ..engine import LLM, SamplingParams
+    was_training = model.training
+    longest = max(len(p) for p in prompt_ids) + max_new_tokens
+    llm = LLM(model, tokenizer, max_num_seqs=min(len(prompt_ids) * group_size, 256),
+              max_model_len=longest, seed=seed)
+    prompts, params = [], []
+    for i, ids in enumerate(prompt_ids):
+        for j in range(group_size):
+            prompts.append(ids)
+            params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                         stop_token_ids=stop_ids(tokenizer), seed=seed * 1_000_003 + i * group_size + j))
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        model.train(was_training)
+    flat = [o.token_ids for o in outs]
+    return [flat[i * group_size:(i + 1) * group_size] for i in range(len(prompt_ids))]
+
+
+def _pad_batch(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Right-padded tokens [N, T] and the completion-target mask [N, T-1]."""
+    T = max(len(p) + len(c) for p, c in zip(prompt_ids, completions))
+    tokens = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(completions), T - 1, dtype=torch.bool)
+    for n, (p, c) in enumerate(zip(prompt_ids, completions)):
+        tokens[n, :len(p) + len(c)] = torch.tensor(p + c)
+        mask[n, len(p) - 1:len(p) + len(c) - 1] = True      # target index t predicts token t+1
+    return tokens, mask
+
+
+# --------------------------------------------------------------------------------------- the run
+def _step_problems(task, cfg: GRPOConfig, step: int):
+    rng = random.Random(f"grpo-{cfg.seed}-{step}")   # a pure function of (seed, step): exact resume
+    return [task.sample(rng) for _ in range(cfg.prompts_per_step)]
+
+
+def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=print) -> dict:
+    """Run (or resume) GRPO; returns the summary (also ``OUT/summary.json``)."""
+    from ..checkpoint import load_pretrained
+    from ..eval.tasks import task_accuracy
+    from ..tokenizer import Tokenizer
+    from .tasks import load_task
+
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise GRPOError(f"{out_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["grpo_config"]
+        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
+        if steps is not None:
+            here["steps"] = steps
+        cfg = GRPOConfig(**{**saved, **here})
+    else:
+        if steps is not None:
+            cfg = dataclasses.replace(cfg, steps=steps)
+        for p in [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]:
+            shutil.rmtree(p)
+    if cfg.group_size < 2:
+        raise GRPOError(f"group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise GRPOError(f"--model {cfg.model}: no config.json there (run `dsv3 sft` first)")
+    task = load_task(cfg.task, cfg.prompts)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = Tokenizer.load(cfg.model)
+    policy = load_pretrained(ckpt or cfg.model, dtype=torch.float32, device=device)
+    reference = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    optimizer = build_optimizer(policy, cfg.lr, cfg.weight_decay)
+    total_updates = cfg.steps * cfg.inner_steps
+    schedule = Schedule(cfg.lr, total_updates, cfg.warmup_steps, decay_start=1.0, min_lr_ratio=1.0)  # constant
+    start = 0
+    if ckpt is not None:
+        start = load_training_state(ckpt, optimizer)["step"]
+        log(f"resumed from {ckpt} at step {start}")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
+
+    def evaluate(step: int) -> dict:
+        acc = task_accuracy(policy, tokenizer, task, cfg.eval_problems, seed=cfg.seed + 10_000,
+                            max_new_tokens=cfg.max_new_tokens)
+        rec = {"kind": "eval", "step": step, **{k: v for k, v in acc.items() if k != "samples"}}
+        metrics.write(rec)
+        return rec
+
+    def save(name: str, step: int) -> Path:
+        st = {"step": step, "grpo_config": dataclasses.asdict(cfg), "reference_model": cfg.model}
+        return save_training_checkpoint(out_dir, name, policy, tokenizer, optimizer, st)
+
+    first_eval = evaluate(start) if cfg.eval_problems else {}
+    last_eval = first_eval
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
+    t_run = time.perf_counter()
+    policy.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        probs = _step_problems(task, cfg, step)
+        prompt_ids = [tokenizer.render_chat(p.messages(), add_generation_prompt=True, thinking=True) for p in probs]
+        groups = rollout(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                         cfg.top_p, seed=cfg.seed * 100_003 + step)
+        t_sample = time.perf_counter() - t0
+        texts = [[completion_text(tokenizer, c) for c in g] for g in groups]
+        rewards = torch.tensor([[task.reward(p.prompt, t) for t in ts] for p, ts in zip(probs, texts)])
+        correct = [[task.correct(p.prompt, t) for t in ts] for p, ts in zip(probs, texts)]
+        adv = group_advantages(rewards, cfg.adv_eps).flatten()                      # [P*G]
+        flat_prompts = [ids for ids in prompt_ids for _ in range(cfg.group_size)]
+        flat_comps = [c for g in groups for c in g]
+        tokens, mask = _pad_batch(flat_prompts, flat_comps, tokenizer.pad_id)
+        tokens, mask, adv = tokens.to(device), mask.to(device), adv.to(device)
+        with torch.no_grad(), _autocast(device):
+            old_logp = sequence_logprobs(policy, tokens, cfg.micro_batch).float()
+            ref_logp = sequence_logprobs(reference, tokens, cfg.micro_batch).float()
+        stats: dict = {}
+        for inner in range(cfg.inner_steps):
+            lr = schedule(step * cfg.inner_steps + inner)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            # One optimizer step over the whole group batch, accumulated in micro-batches; each
+            # micro-batch's loss is weighted by its share of completions (the loss is a mean over them).
+            loss_total, agg = 0.0, {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+            N = tokens.shape[0]
+            for i in range(0, N, cfg.micro_batch):
+                sl = slice(i, i + cfg.micro_batch)
+                with _autocast(device):
+                    logp = sequence_logprobs(policy, tokens[sl]).float()
+                loss, st = grpo_objective(logp, old_logp[sl], ref_logp[sl], adv[sl], mask[sl], cfg.clip_eps,
+                                          cfg.kl_beta)
+                share = tokens[sl].shape[0] / N
+                (loss * share).backward()
+                loss_total += float(loss.detach()) * share
+                for k in agg:
+                    agg[k] += st[k] * share
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = {"loss": loss_total, **agg, "grad_norm": grad_norm, "lr": lr}
+        lengths = [len(c) for c in flat_comps]
+        rec = {"step": step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "accuracy": sum(map(sum, correct)) / rewards.numel(),
+               "format_rate": sum(t.count("</think>") == 1 for ts in texts for t in ts) / rewards.numel(),
+               "completion_len": sum(lengths) / len(lengths), **stats,
+               "sample_s": t_sample, "step_s": time.perf_counter() - t0}
+        metrics.write(rec)
+        done = step + 1
+        if cfg.eval_problems and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            last_eval = evaluate(done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+            save(f"checkpoint-{done}", done)
+            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        if bar is not None:
+            bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.2f}",
+                             "kl": f"{rec['kl']:.4f}"}, refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    final_step = max(start, cfg.steps)
+    if cfg.eval_problems and last_eval.get("step") != final_step:
+        last_eval = evaluate(final_step)
+    final = save("final", final_step)
+    plots = plot_grpo(out_dir / "metrics.jsonl", out_dir / "plots")
+    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train_recs = [r for r in recs if "kind" not in r]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    summary = {
+        "out": str(out_dir), "final": str(final), "model": cfg.model, "task": cfg.task, "steps": final_step,
+        "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
+        "reward_first": train_recs[0]["reward_mean"] if train_recs else None,
+        "reward_last": train_recs[-1]["reward_mean"] if train_recs else None,
+        "eval_accuracy_start": evals[0].get("accuracy") if evals else None,
+        "eval_accuracy_end": evals[-1].get("accuracy") if evals else None,
+        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def plot_grpo(metrics_file: Path, out_dir: Path) -> list[Path]:
+    """``reward.png``: mean reward and sample accuracy per step, greedy eval accuracy; ``kl.png``."""
+    from ..train.plots import _save, plt, read_metrics
+    train, evals = read_metrics(metrics_file)
+    if not train:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["reward_mean"] for r in train], lw=1, label="mean reward (samples)")
+    ax.plot(steps, [r["accuracy"] for r in train], lw=1, label="accuracy (samples)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="accuracy (greedy eval)")
+    ax.set_xlabel("step"), ax.legend(), ax.grid(alpha=0.3), ax.set_title("GRPO reward")
+    paths = [_save(fig, out_dir / "reward.png")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["kl"] for r in train], lw=1, label="KL to reference (k3)")
+    ax.plot(steps, [r["clip_frac"] for r in train], lw=1, label="clipped fraction")
+    ax.set_xlabel("step"), ax.legend(), ax.grid(alpha=0.3), ax.set_title("GRPO regularization")
+    paths.append(_save(fig, out_dir / "kl.png"))
+    return paths
+
+
+def format_grpo_summary(s: dict) -> str:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+    return "\n".join([
+        f"grpo: {s['out']}  ({s['steps']} steps of {s['prompts_per_step']} prompts x {s['group_size']} samples, "
+        f"{s['wall_s']:.0f} s) task {s['task']} from {s['model']}",
+        f"  mean reward   {num(s['reward_first'], '.3f')} (first step) -> {num(s['reward_last'], '.3f')} (last)",
+        f"  greedy acc    {num(s['eval_accuracy_start'], '.3f')} -> {num(s['eval_accuracy_end'], '.3f')}",
+        f"  model         {s['final']}",
+        f"  plots         {', '.join(s['plots']) or 'none'}",
+    ])

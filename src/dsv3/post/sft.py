@@ -1,0 +1,355 @@
+"""Supervised fine-tuning: ``dsv3 sft --model BASE --data FILE.jsonl --out DIR``.
+
+A base model becomes a chat model by training on conversations rendered with its chat template,
+with the loss on assistant tokens only (:mod:`dsv3.post.chat_data`). Per step::
+
+    loss = CE(assistant tokens) + lambda * mean_k CE_k(MTP, assistant tokens)
+           + distill_weight * KL(teacher top-k || student)   (records from `dsv3 distill --top-logprobs`)
+           + alpha_seq * L_seq                                 (sequence-wise balance loss)
+
+then clipping, AdamW and the aux-loss-free bias update, exactly as in pre-training. The run
+directory has the pre-training guarantees and layout (the same code writes them): ``metrics.jsonl``,
+atomic ``checkpoint-STEP/`` and ``final/`` (HF layout: config, safetensors, tokenizer with the chat
+template, plus optimizer/RNG/data state), ``plots/``, ``summary.json``; ``--resume`` continues
+bit for bit on CPU. ``final/`` is what ``dsv3 chat --model`` and ``dsv3 serve --model`` take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..train import balance
+from ..train.optim import Schedule, build_optimizer
+from ..train.state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
+                           save_training_checkpoint)
+from ..train.trainer import MetricsLog, _autocast
+
+
+class SFTError(RuntimeError):
+    """An SFT run can't start or go on; the message says why."""
+
+
+@dataclass
+class SFTConfig:
+    """Every knob of an SFT run; saved in each checkpoint so ``--resume`` continues the same run."""
+
+    model: str = "runs/tiny/final"         # the base model directory (HF layout with tokenizer)
+    data: list[str] = field(default_factory=list)   # chat JSONL file(s)
+    out: str = "runs/sft"
+    max_steps: int | None = None           # default: ``epochs`` passes over the packed rows
+    epochs: float = 2.0
+    batch_size: int = 8
+    seq_len: int = 512                     # capped at the model's max_position_embeddings
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    decay_start: float = 0.0               # cosine from the end of warmup (post-training convention)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    eval_every: int = 50
+    keep_checkpoints: int = 2
+    val_fraction: float = 0.05
+    mtp_weight: float = 0.1                # keeps the MTP module a good draft model for speculation
+    distill_weight: float = 0.5            # weight of the KL term on tokens with teacher top-k
+    bias_update_rate: float = 1e-3
+    seq_aux_alpha: float = 1e-4
+    max_nonfinite: int = 5
+    progress: bool = True
+    device: str | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------- losses
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` (0 when nothing is masked in)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def topk_kl(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Forward KL from the teacher's top-k distribution to the student, per position.
+
+    logits [..., V] (student), teacher_ids / teacher_logprobs [..., K] -> [...]. The teacher's k
+    probabilities are renormalized to sum 1 (they are all we kept); the student's log-probabilities
+    are its full-vocabulary ones, so mass outside the teacher's top-k is penalized too.
+    """
+    p_log = teacher_logprobs.float().log_softmax(-1)                  # renormalize over the K kept
+    q_log = logits.float().log_softmax(-1).gather(-1, teacher_ids)     # [..., K]
+    p = p_log.exp()                                                    # -inf padding -> 0
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def sft_losses(model, batch: dict[str, torch.Tensor], cfg: SFTConfig) -> dict[str, torch.Tensor]:
+    """One packed batch -> scalar losses (``loss`` is backpropagated) and token counts."""
+    tokens, mask = batch["tokens"], batch["targets_mask"]
+    x, y = tokens[:, :-1], tokens[:, 1:]                               # [B, S]
+    B = x.shape[0]
+    want_mtp = cfg.mtp_weight > 0 and len(model.mtp) > 0
+    out = model(x, return_mtp=want_mtp) if want_mtp else None
+    logits = out.logits if want_mtp else model(x)                      # [B, S, V]
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").view_as(y)
+    lm = masked_mean(ce, mask)
+    losses = {"lm_loss": lm, "target_tokens": mask.sum()}
+    total = lm
+    if want_mtp and out.mtp_logits:
+        # depth k at input position i predicts target i+k (y[:, k:]); only assistant targets count
+        mtp = torch.stack([
+            masked_mean(F.cross_entropy(lg.reshape(-1, V), y[:, k:].reshape(-1), reduction="none")
+                        .view_as(y[:, k:]), mask[:, k:])
+            for k, lg in enumerate(out.mtp_logits, start=1)])
+        losses["mtp_loss"] = mtp.mean()
+        total = total + cfg.mtp_weight * mtp.mean()
+    valid = batch["teacher_valid"] & mask
+    if cfg.distill_weight and bool(valid.any()):
+        kl = masked_mean(topk_kl(logits, batch["teacher_ids"], batch["teacher_logprobs"]), valid)
+        losses["distill_kl"] = kl
+        total = total + cfg.distill_weight * kl
+    bal = torch.zeros((), device=x.device)
+    if cfg.seq_aux_alpha:
+        for _, r in balance.routers(model):
+            if r.last_scores is not None and r.last_scores.shape[0] % B == 0:
+                bal = bal + cfg.seq_aux_alpha * balance.sequence_balance_loss(r.last_scores, r.last_topk, B)
+    losses["balance_loss"] = bal
+    losses["loss"] = total + bal
+    return losses
+
+
+@torch.no_grad()
+def evaluate_sft(model, packed, cfg: SFTConfig, device: torch.device) -> dict:
+    """Assistant-token loss / perplexity / next-token accuracy on the held-out rows, MaxVio_global."""
+    model.eval()
+    names = [n for n, _ in balance.routers(model) if n.startswith("layers.")]
+    routers = dict(balance.routers(model))
+    loss_sum, hits, n_tok, load = 0.0, 0, 0, None
+    for start in range(0, len(packed), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in packed.rows(list(range(start, min(start + cfg.batch_size,
+                                                                                 len(packed))))).items()}
+        x, y, m = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["targets_mask"]
+        with _autocast(device):
+            logits = model(x)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
+        loss_sum += float((ce * m).sum())
+        hits += int(((logits.argmax(-1) == y) & m).sum())
+        n_tok += int(m.sum())
+        if names:
+            counts = torch.stack([routers[n].last_counts for n in names])
+            load = counts if load is None else load + counts
+    model.train()
+    loss = loss_sum / max(n_tok, 1)
+    rec = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_token_acc": hits / max(n_tok, 1),
+           "val_tokens": n_tok}
+    if load is not None:
+        mv = balance.max_violation(load)
+        rec.update(maxvio_global=float(mv.mean()), expert_load=load.tolist())
+    return rec
+
+
+# --------------------------------------------------------------------------------------- the run
+def load_chat_data(cfg: SFTConfig, tokenizer, max_positions: int):
+    """(train PackedChat, val PackedChat or None, seq_len used) for a run."""
+    from .chat_data import pack, read_chat_jsonl, split_examples
+    if not cfg.data:
+        raise SFTError("no chat data: give --data FILE.jsonl")
+    examples = read_chat_jsonl(cfg.data, tokenizer)
+    seq_len = min(cfg.seq_len, max_positions)
+    train_ex, val_ex = split_examples(examples, cfg.val_fraction)
+    train = pack(train_ex, seq_len, tokenizer.pad_id)
+    val = pack(val_ex, seq_len, tokenizer.pad_id) if val_ex else None
+    return train, val, seq_len
+
+
+def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=print) -> dict:
+    """Run (or resume) SFT; returns the end-of-run summary (also written to ``OUT/summary.json``).
+
+    With ``resume`` the run in ``cfg.out`` continues from its last complete checkpoint with its own
+    saved settings; ``max_steps`` (if given) extends it.
+    """
+    from ..checkpoint import load_pretrained
+    from ..tokenizer import Tokenizer, TokenizerError
+
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise SFTError(f"{out_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["sft_config"]
+        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
+        if max_steps is not None:
+            here["max_steps"] = max_steps
+        cfg = SFTConfig(**{**saved, **here})
+    else:
+        if max_steps is not None:
+            cfg = dataclasses.replace(cfg, max_steps=max_steps)
+        old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
+        if old:
+            log(f"{out_dir}: starting a new SFT run, removing {len(old)} checkpoint(s) of the previous one "
+                "(use --resume to continue it instead)")
+        for p in old:
+            shutil.rmtree(p)
+    base = Path(cfg.model)
+    if not (base / "config.json").is_file():
+        raise SFTError(f"--model {base}: no config.json there (train a base first: `make demo` or `dsv3 train`)")
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    try:
+        tokenizer = Tokenizer.load(ckpt or base)
+    except TokenizerError as e:
+        raise SFTError(f"{e} (the base model directory must hold its tokenizer)") from None
+    model = load_pretrained(ckpt or base, dtype=torch.float32, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SFTError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}")
+    train_rows, val_rows, seq_len = load_chat_data(cfg, tokenizer, model.config.max_position_embeddings - 1)
+    if train_rows.num_truncated:
+        log(f"note: {train_rows.num_truncated} conversation(s) longer than {seq_len + 1} tokens were cut")
+    if cfg.max_steps is None:
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)))
+    from .chat_data import RowBatches
+    batches = RowBatches(train_rows, cfg.batch_size, cfg.seed)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
+    start = 0
+    if ckpt is not None:
+        state = load_training_state(ckpt, optimizer)
+        start = state["step"]
+        batches.load_state_dict(state["data"])
+        log(f"resumed from {ckpt} at step {start}")
+    model.train()
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
+    routers = balance.routers(model)
+    main_names = [n for n, _ in routers if n.startswith("layers.")]
+
+    def save(name: str, step: int) -> Path:
+        st = {"step": step, "data": batches.state_dict(), "sft_config": dataclasses.asdict(cfg),
+              "base_model": str(base)}
+        return save_training_checkpoint(out_dir, name, model, tokenizer, optimizer, st)
+
+    progress = _Progress(cfg, start)
+    nonfinite, last_eval = 0, {}
+    t_run = time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = schedule(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        with _autocast(device):
+            losses = sft_losses(model, batch, cfg)
+        losses["loss"].backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        finite = bool(torch.isfinite(losses["loss"])) and math.isfinite(grad_norm)
+        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in losses.items() if k != "target_tokens"},
+               "target_tokens": int(losses["target_tokens"]), "lr": lr, "grad_norm": grad_norm,
+               "epoch": batches.epoch_progress}
+        counts = {n: r.last_counts for n, r in routers}
+        if finite:
+            optimizer.step()
+            for n, r in routers:
+                if counts[n] is not None:
+                    balance.update_bias(r, counts[n], cfg.bias_update_rate)
+            nonfinite = 0
+        else:
+            nonfinite += 1
+            rec["skipped"] = True
+            log(f"step {step + 1}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
+        optimizer.zero_grad(set_to_none=True)
+        if main_names and all(counts[n] is not None for n in main_names):
+            mv = balance.max_violation(torch.stack([counts[n] for n in main_names]))
+            rec["maxvio_batch"] = [float(v) for v in mv]
+            rec["maxvio_batch_mean"] = float(mv.mean())
+        rec["tokens_per_s"] = batch["tokens"].numel() / (time.perf_counter() - t0)
+        metrics.write(rec)
+        if nonfinite >= cfg.max_nonfinite:
+            progress.close()
+            raise SFTError(f"stopping: {nonfinite} non-finite losses in a row at step {step + 1}")
+        done = step + 1
+        if val_rows is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            last_eval = {"kind": "eval", "step": done, **evaluate_sft(model, val_rows, cfg, device)}
+            metrics.write(last_eval)
+        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
+            save(f"checkpoint-{done}", done)
+            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        progress.update(rec, last_eval)
+    progress.close()
+    final_step = max(start, cfg.max_steps)
+    if val_rows is not None and last_eval.get("step") != final_step:
+        last_eval = {"kind": "eval", "step": final_step, **evaluate_sft(model, val_rows, cfg, device)}
+        metrics.write(last_eval)
+    final = save("final", final_step)
+    from ..train.plots import plot_run
+    plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
+    train_recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()
+                  if ln.strip() and "kind" not in json.loads(ln)]
+    summary = {
+        "out": str(out_dir), "final": str(final), "base_model": str(base), "steps": final_step,
+        "train_rows": len(train_rows), "seq_len": seq_len,
+        "train_target_tokens": train_rows.num_target_tokens,
+        "val_rows": len(val_rows) if val_rows is not None else 0,
+        "first_loss": train_recs[0]["lm_loss"] if train_recs else None,
+        "last_loss": train_recs[-1]["lm_loss"] if train_recs else None,
+        "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
+        "val_token_acc": last_eval.get("val_token_acc"),
+        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _Progress:
+    """A tqdm bar with loss and val loss; silent when disabled."""
+
+    def __init__(self, cfg: SFTConfig, start: int):
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+
+    def update(self, rec: dict, last_eval: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{rec['lm_loss']:.3f}"}
+        if last_eval:
+            post["val"] = f"{last_eval['val_loss']:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_sft_summary(s: dict) -> str:
+    """The summary as a few readable lines."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+    return "\n".join([
+        f"sft: {s['out']}  ({s['steps']} steps, {s['wall_s']:.0f} s) from {s['base_model']}",
+        f"  data          {s['train_rows']} packed rows of {s['seq_len']} tokens, "
+        f"{s['train_target_tokens']:,} assistant target tokens; {s['val_rows']} val rows",
+        f"  train loss    {num(s['first_loss'], '.3f')} -> {num(s['last_loss'], '.3f')} (assistant tokens)",
+        f"  val loss      {num(s['val_loss'], '.3f')} (ppl {num(s['val_ppl'], '.2f')}, "
+        f"next-token acc {num(s['val_token_acc'], '.3f')})",
+        f"  chat model    {s['final']}   (dsv3 chat --model {s['final']})",
+        f"  plots         {', '.join(s['plots']) or 'none'}",
+    ])
