@@ -84,6 +84,12 @@ class GrammarBackend:
             bad_nl[i] = bool(ctrl)
             bad[i] = bool(ctrl - {0x0A})
         self.control_mask, self.control_mask_keep_newline = bad_nl, bad
+        # Special ids and the model's padding ids past the tokenizer. xgrammar sees them as empty
+        # strings, and an empty string fits anywhere, so a grammar segment bans them itself (all but
+        # the one id that ends the segment).
+        self.special_mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.special_mask[sorted(tok.special_ids)] = True
+        self.special_mask[tok.vocab_size:] = True
 
     def _compiled(self, key: str, build) -> Any:
         with self._lock:
@@ -157,6 +163,7 @@ class _Constraint:
     def _new_matcher(self, compiled, stop_id: int) -> None:
         xgr = self.backend._xgr
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=[stop_id])
+        self.stop_id = stop_id
         if self.bitmask is None:
             self.bitmask = xgr.allocate_token_bitmask(1, self.backend.vocab_size)
 
@@ -164,7 +171,9 @@ class _Constraint:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         out = logits.float().clone().unsqueeze(0)                        # [1, V]
         self.backend._xgr.apply_token_bitmask_inplace(out, self.bitmask)
-        return out[0].masked_fill(control.to(out.device), float("-inf"))
+        banned = control | self.backend.special_mask
+        banned[self.stop_id] = False
+        return out[0].masked_fill(banned.to(out.device), float("-inf"))
 
     @staticmethod
     def _only(logits: torch.Tensor, allowed: list[int]) -> torch.Tensor:

@@ -1,0 +1,389 @@
+"""``dsv3 serve`` as a real server process on a loopback port, driven by the official ``openai`` client.
+
+One server per module (a tiny random checkpoint with a ~300-id BPE tokenizer) for the API tests, and
+a second small one (API key, queue of one sequence) for authentication, overload and disconnects.
+Expected texts come from ``dsv3.LLM`` run in this process on the same checkpoint (greedy), so the
+tests check the HTTP layer against the engine, not against stored outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import tiny_config
+from pydantic import BaseModel, Field
+
+import dsv3
+from dsv3.engine import LLM, SamplingParams
+from dsv3.tokenizer import THINK_END, train_tokenizer
+
+_WORDS = ("the engine reads a prompt and writes one token at a time while the latent cache keeps every "
+          "position of every sequence so that no key is ever computed twice").split()
+_CODE = "def step(self, batch):\n    for seq in batch:\n        seq.output.append(token)\n    return batch\n"
+TEXT = "\n".join(" ".join(_WORDS[(7 * i + 3 * j) % len(_WORDS)] for j in range(11)) for i in range(50)) + _CODE * 10
+CONTEXT = 1024
+API_KEY = "sk-test-123"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = train_tokenizer([TEXT], vocab_size=300)
+    cfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=CONTEXT)
+    torch.manual_seed(0)
+    model = dsv3.Transformer(cfg)
+    with torch.no_grad():  # weights large enough that greedy decoding is far from ties
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    d = tmp_path_factory.mktemp("serve-ckpt")
+    dsv3.save_pretrained(model, d)
+    tok.save(d)
+    return str(d)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model_dir: str, *flags: str, env: dict | None = None):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", model_dir, "--port", str(port),
+                             "--threads", "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not come up")
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    proc, base = _start(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
+    yield base
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir):
+    """API key from the environment, one sequence at a time, a queue of one."""
+    proc, base = _start(model_dir, "--max-queue", "1", "--max-num-seqs", "1", env={"DSV3_API_KEY": API_KEY})
+    yield base
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, max_model_len=CONTEXT, max_num_seqs=64)
+
+
+def _expected(llm, prompts: list[list[int]], max_tokens: int, **kw) -> list:
+    return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, **kw))
+
+
+def _metrics(base: str, headers: dict | None = None) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", headers=headers or {}).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ basics
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    m = _metrics(server)
+    assert "dsv3_queue_depth" in m and "dsv3_cache_usage" in m and "dsv3_generation_tokens_per_second" in m
+
+
+def test_chat_matches_engine_streamed_or_not(client, llm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the engine"}]
+    ids = llm.tokenizer.render_chat(messages, add_generation_prompt=True)
+    user = llm.tokenizer.token_id("<｜User｜>")
+    exp = _expected(llm, [ids], 12, stop_token_ids=(user,))[0]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    text = llm.tokenizer.decode([t for t in exp.token_ids if t not in llm.tokenizer.special_ids])
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == exp.finish_reason
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(exp.token_ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == exp.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+
+def test_completions_n_seed_logprobs(client, llm):
+    exp = _expected(llm, [[llm.tokenizer.bos_id] + llm.tokenizer.encode("def step(")], 6, logprobs=2)[0]
+    r = client.completions.create(model="tiny", prompt="def step(", max_tokens=6, temperature=0, logprobs=2)
+    assert r.choices[0].text == exp.text
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(exp.logprobs, abs=1e-4)
+    assert [len(t) for t in lp.top_logprobs] == [2] * len(exp.token_ids)
+    streamed = client.completions.create(model="tiny", prompt="def step(", max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == exp.text
+    # n samples with a seed: reproducible, and the choices differ from one another.
+    kw = dict(model="tiny", prompt="the", max_tokens=8, temperature=1.0, n=3, seed=11)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1 and a.usage.completion_tokens > 3
+
+
+def test_fim_suffix_uses_psm(client, llm):
+    tok = llm.tokenizer
+    prefix, suffix = "def step(self, batch):\n    ", "\n    return batch\n"
+    psm = [tok.bos_id, tok.token_id("<｜fim▁begin｜>"), *tok.encode(prefix), tok.token_id("<｜fim▁hole｜>"),
+           *tok.encode(suffix), tok.token_id("<｜fim▁end｜>")]
+    exp = _expected(llm, [psm], 8)[0]
+    r = client.completions.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=8, temperature=0)
+    assert r.choices[0].text == exp.text and r.usage.prompt_tokens == len(psm)
+
+
+# ------------------------------------------------------------------------------------ tools, JSON, thinking
+class Weather(BaseModel):
+    city: str = Field(max_length=12)
+    days: int = Field(ge=1, le=7)
+    unit: str = Field(json_schema_extra={"enum": ["c", "f"]})
+
+
+WEATHER_SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city", "days", "unit"],
+    "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "forecast",
+                                           "parameters": WEATHER_SCHEMA}},
+         {"type": "function", "function": {"name": "search", "parameters": {
+             "type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"]}}}]
+
+
+def _check_weather(arguments: str) -> None:
+    w = Weather.model_validate_json(arguments)           # pydantic is the independent validator
+    assert w.unit in ("c", "f") and set(json.loads(arguments)) == {"city", "days", "unit"}
+
+
+def test_tool_call_round_trip(client, llm):
+    messages = [{"role": "user", "content": "weather in the engine?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, temperature=0, max_tokens=200,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                       parallel_tool_calls=False)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    _check_weather(call.function.arguments)
+    # The tool's answer goes back as a tool message and the model replies to it.
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none",
+                                        temperature=0, max_tokens=10)
+    rendered = llm.tokenizer.render_chat(
+        [messages[0], {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+         {"role": "tool", "content": "sunny, 21 C"}], add_generation_prompt=True, tools=TOOLS)
+    assert r2.usage.prompt_tokens == len(rendered)
+    assert "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny, 21 C<｜tool▁output▁end｜>" in \
+        llm.tokenizer.decode(rendered)
+    assert r2.choices[0].message.tool_calls is None and isinstance(r2.choices[0].message.content, str)
+
+
+def test_tool_required_streamed(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}], tools=TOOLS,
+                                            tool_choice="required", temperature=0.9, seed=5, max_tokens=300,
+                                            stream=True)
+    calls: dict[int, dict] = {}
+    reasons = []
+    for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert reasons[-1] == "tool_calls" and calls
+    for entry in calls.values():
+        assert entry["name"] in ("get_weather", "search")
+        if entry["name"] == "get_weather":
+            _check_weather(entry["arguments"])
+        else:
+            assert set(json.loads(entry["arguments"])) == {"q"}
+
+
+def test_json_schema_and_json_object(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json please"}],
+                                       response_format=fmt, temperature=1.0, seed=1, n=3, max_tokens=200)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        _check_weather(c.message.content)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json"}], max_tokens=300,
+                                       response_format={"type": "json_object"}, temperature=0)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:   # a random model may write one long string: it must still be a JSON prefix
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+
+
+def test_thinking_split(client, llm):
+    tok = llm.tokenizer
+    messages = [{"role": "user", "content": "think"}]
+    ids = tok.render_chat(messages, add_generation_prompt=True, thinking=True)
+    exp = _expected(llm, [ids], 40, stop_token_ids=(tok.token_id("<｜User｜>"),))[0].token_ids
+    end = tok.token_id(THINK_END)
+    cut = exp.index(end) if end in exp else len(exp)
+
+    def visible(part):
+        return tok.decode([t for t in part if t not in tok.special_ids])
+
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=40,
+                                       extra_body={"chat_template_kwargs": {"thinking": True}})
+    msg = r.choices[0].message
+    assert msg.reasoning_content == visible(exp[:cut])
+    assert msg.content == visible(exp[cut + 1:])
+
+
+# ------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), 400,
+     "temperature"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3}), 400,
+     "temperature"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}), 400, "n"),
+    (json.dumps({"model": "tiny", "messages": "hello"}), 400, "messages"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}), 400, "role"),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "gpt-9"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x " * 1200}]}), 400,
+     "maximum context length"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 6}), 400,
+     "max_tokens"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}), 400,
+     "tool_choice"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                 "response_format": {"type": "xml"}}), 400, "response_format"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 50,
+                 "logprobs": True}), 400, "top_logprobs"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"y" * (5 << 20) + b'"}]}', 413, "limit"),
+])
+def test_bad_requests_are_4xx(server, body, status, needle):
+    r = httpx.post(server + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"]
+
+
+def test_completion_errors_and_unknown_route(client, server):
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny", prompt=[[1, 2, 10 ** 6]], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=CONTEXT)
+    assert httpx.get(server + "/v1/nothing").status_code == 404
+
+
+# ------------------------------------------------------------------------------------ load
+def test_64_concurrent_streams(server, llm):
+    tok = llm.tokenizer
+    prompts = [" ".join(_WORDS[i % len(_WORDS): i % len(_WORDS) + 1 + i % 5]) for i in range(64)]
+    expected = _expected(llm, [[tok.bos_id] + tok.encode(p) for p in prompts], 6)
+    client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(prompt: str) -> str:
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                                 stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def run():
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(run())
+    assert texts == [e.text for e in expected]
+
+
+# ------------------------------------------------------------------------------------ key, overload, disconnect
+def test_api_key_required(small_server, model_dir):
+    assert httpx.get(small_server + "/health").status_code == 200          # health is open
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.get(small_server + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(small_server + "/metrics").status_code == 401
+    bad = openai.OpenAI(base_url=small_server + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=os.path.basename(model_dir), messages=[{"role": "user", "content": "x"}])
+    good = openai.OpenAI(base_url=small_server + "/v1", api_key=API_KEY, max_retries=0)
+    assert good.models.list().data[0].id == os.path.basename(model_dir)
+
+
+def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    name = os.path.basename(model_dir)
+    client = openai.OpenAI(base_url=small_server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    stream = client.completions.create(model=name, prompt="the engine", max_tokens=400, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it), next(it)                                     # the request is running
+    assert _metrics(small_server, auth)["dsv3_cache_blocks_used"] > 0
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model=name, prompt="x", max_tokens=2)
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    stream.close()                                         # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = _metrics(small_server, auth)
+        if m["dsv3_pending_sequences"] == 0 and m["dsv3_cache_blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["dsv3_pending_sequences"] == 0 and m["dsv3_cache_blocks_used"] == 0
+    assert m["dsv3_aborted_sequences_total"] == 1 and m["dsv3_running_sequences"] == 0
+    # The server takes work again.
+    assert client.completions.create(model=name, prompt="x", max_tokens=2).choices[0].finish_reason
