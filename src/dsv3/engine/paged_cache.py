@@ -1,10 +1,13 @@
 """The paged latent cache and the attention that reads it.
 
-Storage per layer is ``c_kv [num_blocks * block_size, kv_lora_rank]`` and ``k_pe [.., qk_rope_head_dim]``:
-only MLA's normalized latent and rotated shared key, never per-head keys or values. A forward pass of
-the engine packs the new tokens of every scheduled sequence into one row ``[1, N]``;
-:class:`PagedBatch` tells each layer where those tokens go (slots) and which cached positions each
-sequence attends over, and implements the ``cache.attend`` protocol of :class:`dsv3.model.mla.MLA`.
+Storage per layer is one tensor ``kv [num_slots, kv_lora_rank + qk_rope_head_dim]``: MLA's normalized
+latent ``c_kv`` followed by the rotated shared key ``k_pe`` (FlashMLA's layout), never per-head keys
+or values; ``c_kv`` and ``k_pe`` are views of it. Slot ``block * block_size + offset`` holds position
+``i * block_size + offset`` of the sequence whose block table has ``block`` at index ``i``.
+
+A forward pass of the engine packs the new tokens of every scheduled sequence into one row ``[1, N]``;
+:class:`PagedBatch` tells each layer where those tokens go (slots) and what each one attends over,
+and implements the ``cache.attend`` protocol of :class:`dsv3.model.mla.MLA`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,26 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..kernels.mla_decode import mla_decode
 
 
 class PagedLatentCache:
-    """``num_layers`` layers of ``num_blocks`` blocks of ``block_size`` latent slots."""
+    """``num_layers`` layers of ``num_blocks`` blocks of ``block_size`` latent slots.
+
+    One extra block past ``num_blocks`` is a scratch area the block manager never hands out: padded
+    rows of a static-shape (CUDA-graph) decode step write their latents there.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, num_layers: int,
                  dtype: torch.dtype, device: torch.device):
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.kv_lora_rank = config.kv_lora_rank
         n = num_blocks * block_size
-        self.c_kv = torch.zeros(num_layers, n, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(num_layers, n, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(num_layers, n + block_size, config.kv_lora_rank + config.qk_rope_head_dim,
+                              dtype=dtype, device=device)
+        self.c_kv = self.kv[:, :n, : config.kv_lora_rank]       # [L, slots, r]    views of kv
+        self.k_pe = self.kv[:, :n, config.kv_lora_rank:]        # [L, slots, rope]
+        self.scratch_slot = n
 
     def slots(self, table: list[int], start: int, end: int) -> list[int]:
         """Slot indices of positions ``[start, end)`` of a sequence with block table ``table``."""
@@ -32,6 +44,7 @@ class PagedLatentCache:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def nbytes(self) -> int:
+        """Bytes of the usable cache (all layers, ``num_blocks`` blocks; the scratch block excluded)."""
         return self.c_kv.numel() * self.c_kv.element_size() + self.k_pe.numel() * self.k_pe.element_size()
 
 
@@ -46,53 +59,38 @@ class SeqSlice:
 
 
 class PagedBatch:
-    """Per-forward metadata; ``attend`` writes the new latents and runs attention per sequence.
+    """Per-forward metadata; ``attend`` writes the new latents and runs attention.
 
-    When every sequence brings at most ``MAX_BATCHED_QUERIES`` tokens (decoding, and verifying
-    speculative drafts), attention runs for all of them at once over padded ``[B, T_max]`` latents;
-    longer prompt chunks go one sequence at a time.
+    Two forms. *Rows* (``block_tables``/``context_lens`` given): every query token is a row with its
+    sequence's block table and its own context length (its position + 1), which covers decoding and
+    the verification of speculative drafts (causality comes from the per-row length); attention runs
+    for all rows at once through :func:`dsv3.kernels.mla_decode.mla_decode`. *Sequences* (``seqs``
+    given): longer prompt chunks, attended one sequence at a time over its gathered latents.
     """
 
-    MAX_BATCHED_QUERIES = 16
-
-    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, seqs: list[SeqSlice]):
+    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, seqs: list[SeqSlice] | None = None,
+                 block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None):
+        if (seqs is None) == (block_tables is None):
+            raise ValueError("PagedBatch needs either seqs (prompt chunks) or block_tables + context_lens (rows)")
         self.cache, self.write_slots, self.seqs = cache, write_slots, seqs
-        self.batched = all(s.q_len <= self.MAX_BATCHED_QUERIES for s in seqs)
-        if self.batched:
-            dev = write_slots.device
-            B, Q = len(seqs), max(s.q_len for s in seqs)
-            T = max(len(s.context_slots) for s in seqs)
-            idx = torch.zeros(B, T, dtype=torch.long, device=dev)                # context slots, padded
-            rows = torch.zeros(B, Q, dtype=torch.long, device=dev)               # query rows of the packed batch
-            valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
-            ctx_len = torch.zeros(B, 1, 1, dtype=torch.long, device=dev)
-            q_len = torch.zeros(B, 1, 1, dtype=torch.long, device=dev)
-            for i, s in enumerate(seqs):
-                idx[i, : len(s.context_slots)] = s.context_slots
-                rows[i, : s.q_len] = torch.arange(s.q_start, s.q_start + s.q_len, device=dev)
-                valid[i, : s.q_len] = True
-                ctx_len[i], q_len[i] = len(s.context_slots), s.q_len
-            qi = torch.arange(Q, device=dev)[None, :, None]
-            t = torch.arange(T, device=dev)[None, None, :]
-            # query i of a sequence sits at position ctx_len - q_len + i and sees keys up to it
-            mask = (t <= ctx_len - q_len + qi) & (qi < q_len)
-            mask[:, :, 0] |= ~valid  # padded query rows look at one key (no all -inf row); discarded
-            self.padded_idx, self.q_rows, self.q_valid, self.padded_mask = idx, rows, valid, mask
+        self.block_tables, self.context_lens = block_tables, context_lens
 
     def attend(self, mla, q_nope, q_pe, c_kv, k_pe, start_pos: int, absorb: bool) -> torch.Tensor:
         """q_nope [1,N,H,nope], q_pe [1,N,H,rope], new c_kv [1,N,r], k_pe [1,N,rope] -> [1,N,H,v]."""
-        layer = mla.layer_idx
-        store_c, store_k = self.cache.c_kv[layer], self.cache.k_pe[layer]
-        store_c[self.write_slots] = c_kv[0].to(store_c.dtype)
-        store_k[self.write_slots] = k_pe[0].to(store_k.dtype)
-        if self.batched:
-            # Absorbed attention for all sequences at once: [B,Q,H,*] queries over [B,T,*] latents.
-            out = mla.absorbed_attention(q_nope[0][self.q_rows], q_pe[0][self.q_rows],
-                                         store_c[self.padded_idx], store_k[self.padded_idx], self.padded_mask)
-            return out[self.q_valid].unsqueeze(0)                                # [1,N,H,v], packed order
+        kv = self.cache.kv[mla.layer_idx]                                        # [slots, r+rope]
+        kv.index_copy_(0, self.write_slots, torch.cat([c_kv[0], k_pe[0]], dim=-1).to(kv.dtype))
+        r = self.cache.kv_lora_rank
+        if self.block_tables is not None:
+            w_uk, w_uv = mla.absorbed_weights()                                  # [H,nope,r], [H,v,r]
+            q_lat = torch.bmm(q_nope[0].transpose(0, 1), w_uk)                   # [H,N,r]
+            q = torch.cat([q_lat.transpose(0, 1), q_pe[0]], dim=-1)              # [N,H,r+rope]
+            o_lat = mla_decode(q, kv, self.block_tables, self.context_lens, mla.softmax_scale, r,
+                               self.cache.block_size)                            # [N,H,r]
+            out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))        # [H,N,v]
+            return out.transpose(0, 1).unsqueeze(0)
         outs = []
         for s in self.seqs:
             q = slice(s.q_start, s.q_start + s.q_len)
-            outs.append(mla.attend(q_nope[:, q], q_pe[:, q], store_c[s.context_slots][None],
-                                   store_k[s.context_slots][None], absorb))
+            lat = kv[s.context_slots][None]                                      # [1,T,r+rope]
+            outs.append(mla.attend(q_nope[:, q], q_pe[:, q], lat[..., :r], lat[..., r:], absorb))
         return torch.cat(outs, dim=1)

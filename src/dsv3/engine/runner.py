@@ -2,6 +2,10 @@
 
 The new tokens of all scheduled sequences are packed into one row ``[1, N]`` with explicit
 positions; :class:`PagedBatch` routes each layer's attention through the sequences' block tables.
+When every sequence brings at most ``max_row_queries`` tokens (decoding, verifying speculative
+drafts) each token is an attention row of its own over the paged cache; longer prompt chunks are
+attended sequence by sequence. On CUDA, pure decode steps of the main model replay a captured
+graph (:class:`dsv3.engine.cuda_graph.CUDAGraphDecoder`) when one is enabled.
 """
 
 from __future__ import annotations
@@ -16,26 +20,49 @@ Item = tuple[list[int], int, list[int]]
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache):
-        self.model, self.cache = model, cache
+    """Packs items into one forward. ``max_row_queries``: the most new tokens a sequence may bring
+    for the batch to run as attention rows (the speculative verify length fits comfortably)."""
+
+    def __init__(self, model: Transformer, cache: PagedLatentCache, max_row_queries: int = 16):
+        self.model, self.cache, self.max_row_queries = model, cache, max_row_queries
         self.device = model.embed_tokens.weight.device
+        self.graphs = None      # a CUDAGraphDecoder, set by the engine when CUDA graphs are on
 
     def _pack(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch, list[slice]]:
-        ids, pos, write, slices, rows = [], [], [], [], []
+        """-> input_ids [1, N], positions [N], the attention metadata, each item's slice of the N rows."""
+        bs = self.cache.block_size
+        ids, pos, write, rows = [], [], [], []
+        as_rows = all(len(toks) <= self.max_row_queries for toks, _, _ in items)
+        tables, seqs = [], []
         for toks, start, table in items:
             end = start + len(toks)
             rows.append(slice(len(ids), len(ids) + len(toks)))
-            slices.append(SeqSlice(len(ids), len(toks), torch.tensor(self.cache.slots(table, 0, end),
-                                                                     dtype=torch.long, device=self.device)))
+            if as_rows:
+                tables += [table] * len(toks)
+            else:
+                ctx = self.cache.slots(table, 0, end)
+                seqs.append(SeqSlice(len(ids), len(toks), torch.tensor(ctx, dtype=torch.long, device=self.device)))
             ids += toks
             pos += range(start, end)
-            write += self.cache.slots(table, start, end)
-        meta = PagedBatch(self.cache, torch.tensor(write, dtype=torch.long, device=self.device), slices)
-        return (torch.tensor([ids], device=self.device), torch.tensor(pos, device=self.device), meta, rows)
+            write += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        # One host->device copy for the three per-token lists.
+        ids_pos_write = torch.tensor([ids, pos, write], dtype=torch.long, device=self.device)
+        input_ids, positions, write_slots = ids_pos_write
+        if as_rows:
+            width = max(p // bs for p in pos) + 1           # blocks the longest row needs
+            bt = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
+                              dtype=torch.int32, device=self.device)
+            meta = PagedBatch(self.cache, write_slots, block_tables=bt, context_lens=positions + 1)
+        else:
+            meta = PagedBatch(self.cache, write_slots, seqs)
+        return input_ids[None], positions, meta, rows
 
     @torch.inference_mode()
     def forward(self, items: list[Item]) -> list[torch.Tensor]:
         """Main model over each item's tokens -> per item the final normed hidden states [n, D]."""
+        if self.graphs is not None and all(len(toks) == 1 for toks, _, _ in items) and self.graphs.fits(items):
+            h = self.graphs.run(items)
+            return list(h.split(1))
         input_ids, positions, meta, rows = self._pack(items)
         h, _, _ = self.model.hidden_states(input_ids, cache=meta, absorb=True, positions=positions)
         return [h[0, r] for r in rows]
