@@ -234,7 +234,8 @@ def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None
                        help="continue the run in DIR from its last complete checkpoint (its settings are kept; "
                             "--max-steps may extend it)")
     p.add_argument("--max-steps", type=positive_int, default=None, help=f"optimizer steps (default: {d.max_steps})")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help="sequences per micro-batch (under torchrun: the global batch, split over ranks)")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument("--lr", type=nonneg_float, default=d.lr, help="peak learning rate")
@@ -274,6 +275,8 @@ def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None
     p.add_argument("--fp8-block", type=positive_int, default=d.fp8_block,
                    help="FP8 tile/block size (1xB activation tiles, BxB weight blocks)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--ep", type=positive_int, default=d.ep,
+                   help="expert-parallel size under torchrun: routed experts split over groups of EP ranks")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -315,7 +318,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, resume=resume, max_steps=args.max_steps)
     except TrainError as e:
         raise CLIError(str(e)) from e
-    print(format_train_summary(summary))
+    if summary.get("rank", 0) == 0:  # under torchrun only rank 0 prints
+        print(format_train_summary(summary))
     return 0
 
 

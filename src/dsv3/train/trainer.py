@@ -74,6 +74,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests, experiments)
     fp8: bool = False                      # FP8 mixed precision (train/fp8.py): E4M3 GEMMs, bf16 Adam moments
     fp8_block: int = 128                   # FP8 tile/block size (1 x b activations, b x b weights)
+    ep: int = 1                            # expert-parallel size under torchrun (train/parallel/); 1: FSDP2 only
 
     @property
     def out_dir(self) -> Path:
@@ -225,9 +226,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     """
     if max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=max_steps)
+    # Under torchrun (WORLD_SIZE > 1): FSDP2 / expert parallel; None in a single process (plain path).
+    from .parallel.training import ParallelTraining
+    dp = ParallelTraining.from_env(cfg.device, cfg.ep)
+    main = dp is None or dp.is_main
+    if not main:  # rank 0 logs, shows progress and writes files
+        from .parallel.training import silent as log
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_dir)
+    if main:
+        clean_stale_temps(out_dir)
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         raise TrainError(f"{out_dir}: no complete checkpoint to resume from")
@@ -236,21 +244,29 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         if old:
             log(f"{out_dir}: starting a new run, removing {len(old)} checkpoint(s) of the previous one "
                 "(use --resume to continue it instead)")
-        for p in old:
+        for p in old if main else []:
             shutil.rmtree(p)
+    if dp is not None:
+        dp.ctx.barrier()  # the old run is gone before any rank looks at the directory
     if ckpt is not None:  # the run's own settings win; only the step budget may be extended
         saved = json.loads((ckpt / "trainer_state.json").read_text())["train_config"]
-        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
+        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out, "ep": cfg.ep}
         if max_steps is not None:
             here["max_steps"] = max_steps
         cfg = TrainConfig(**{**saved, **here})
+    if not main:
+        cfg = dataclasses.replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg)
+    device = _device(cfg) if dp is None else dp.device
 
     from .. import tokenizer as T
-    tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
+    with nullcontext() if dp is None else dp.main_first():  # rank 0 trains the tokenizer / tokenizes first
+        tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
     from .. import data as D
-    batches = D.PackedBatches(dataset, cfg.batch_size, cfg.seq_len, split="train", seed=cfg.seed)
+    if dp is None:
+        batches = D.PackedBatches(dataset, cfg.batch_size, cfg.seq_len, split="train", seed=cfg.seed)
+    else:  # cfg.batch_size is the global batch; this rank's slice of it
+        batches = dp.packed_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.seed)
     val = D.val_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
 
     mc = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
@@ -260,24 +276,30 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         from .fp8 import FP8TrainingConfig, apply_fp8_training, build_fp8_optimizer
         apply_fp8_training(model, FP8TrainingConfig(block=cfg.fp8_block))
         optimizer = build_fp8_optimizer(model, cfg.lr, cfg.weight_decay)
+    if dp is not None:  # shard from outside the model, then the optimizer over the shards
+        dp.parallelize(model, log)
+        optimizer = (build_fp8_optimizer if cfg.fp8 else build_optimizer)(model, cfg.lr, cfg.weight_decay)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
     start = 0
-    if ckpt is not None:
+    if ckpt is not None and dp is not None:  # saved at any world size: each rank loads its shards
+        state = dp.load(ckpt, model, optimizer)
+    elif ckpt is not None:
         from ..checkpoint import load_pretrained
         loaded = load_pretrained(ckpt, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         state = load_training_state(ckpt, optimizer)
+    if ckpt is not None:
         start = state["step"]
         batches.load_state_dict(state["data"])
         log(f"resumed from {ckpt} at step {start}")
     model.train()
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None) if main else dp.null_log()
     routers = balance.routers(model)
     main_names = [n for n, _ in routers if n.startswith("layers.")]
 
     def save(name: str, step: int) -> Path:
         st = {"step": step, "data": batches.state_dict(), "train_config": dataclasses.asdict(cfg)}
-        return save_training_checkpoint(out_dir, name, model, tokenizer, optimizer, st)
+        return (save_training_checkpoint if dp is None else dp.save)(out_dir, name, model, tokenizer, optimizer, st)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     nonfinite = 0
@@ -305,7 +327,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             for n, r in routers:
                 if r.last_counts is not None:
                     counts[n] = counts[n] + r.last_counts
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if dp is not None:  # global losses, finite flag and expert counts: every rank updates biases alike
+            sums, finite, counts = dp.reduce_step(sums, finite, counts)
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if dp is None
+                     else dp.clip_grad_norm(model, cfg.grad_clip))
         finite = finite and math.isfinite(grad_norm)
         rec = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm}
         if finite:
@@ -343,6 +368,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         last_eval = {"kind": "eval", "step": final_step, **evaluate(model, val, cfg, device)}
         metrics.write(last_eval)
     final = save("final", final_step)
+    if not main:  # rank 0 writes plots and the summary (and samples) alone
+        return dp.finish(None)
     from .plots import plot_run
     plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
     from ..accounting import param_counts
@@ -363,11 +390,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         from ..sample import generate
         prompt_text = "def "
         ids = [tokenizer.bos_id] + tokenizer.encode(prompt_text)
-        gen = generate(model, ids, cfg.sample_tokens, temperature=0.7, top_k=40, seed=cfg.seed,
-                       stop_ids=(tokenizer.eos_id,))
+        gen = generate(model if dp is None else dp.plain_model(final), ids, cfg.sample_tokens, temperature=0.7,
+                       top_k=40, seed=cfg.seed, stop_ids=(tokenizer.eos_id,))
         summary["sample"] = prompt_text + tokenizer.decode(gen, skip_special_tokens=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary if dp is None else dp.finish(summary)
 
 
 class _progress:

@@ -1,0 +1,157 @@
+"""What ``dsv3 train`` does differently under torchrun, behind one object the trainer calls.
+
+In a single process :meth:`ParallelTraining.from_env` returns None and the trainer runs its plain
+path untouched. With ``WORLD_SIZE > 1`` it joins the job and then:
+
+- ``batch_size`` is the *global* micro-batch: each step takes the same ``batch_size`` windows as a
+  single process would, and rank r trains on its ``batch_size / W`` slice of them. So the loss, the
+  gradients (FSDP averages them) and the run's checkpoints mean the same at any world size.
+- expert counts are summed over all ranks before the aux-loss-free bias update, so every rank
+  applies the same update (biases stay identical); the sequence-wise balance loss is per sequence
+  and each sequence lives on one rank, so sharding does not change it. (The classic batch-wise
+  aux loss, ``--aux-loss-alpha``, is computed per rank's micro-batch, as in DeepSeek-V2.)
+- logged losses are averaged over ranks; the gradient norm is global; a step is skipped on every
+  rank when any rank saw a non-finite loss.
+- rank 0 alone writes metrics, plots and checkpoints (gathered to the single-process layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .dist import DistContext, DistributedError, init_distributed, world_size_from_env
+
+
+class _NullLog:
+    """Stands in for the metrics log on ranks other than 0."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+
+class ParallelTraining:
+    """FSDP2 (+ expert parallel) training over torch.distributed; see the module docstring."""
+
+    def __init__(self, ctx: DistContext, ep: int = 1):
+        self.ctx, self.ep = ctx, ep
+        self.plan = None
+
+    @classmethod
+    def from_env(cls, device: str | None = None, ep: int = 1) -> ParallelTraining | None:
+        """Join the torchrun job, or None when this is a single process (then ``ep`` must be 1)."""
+        if world_size_from_env() <= 1:
+            if ep != 1:
+                raise DistributedError(f"--ep {ep} needs at least {ep} processes; launch with "
+                                       f"torchrun --nproc-per-node {ep} -m dsv3 train ...")
+            return None
+        return cls(init_distributed(device), ep)
+
+    # ------------------------------------------------------------------ who am I
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def main_first(self):
+        """Context manager: rank 0 runs the body first (tokenizer, token shards), then the others."""
+        return self.ctx.main_first()
+
+    def null_log(self) -> _NullLog:
+        """The metrics log of ranks other than 0: drops every record."""
+        return _NullLog()
+
+    # ------------------------------------------------------------------ data and model
+    def local_batch_size(self, global_batch: int) -> int:
+        if global_batch % self.world_size:
+            raise DistributedError(f"--batch-size {global_batch} is the global batch; it must be divisible by "
+                                   f"the number of ranks ({self.world_size})")
+        return global_batch // self.world_size
+
+    def packed_batches(self, dataset, batch_size: int, seq_len: int, seed: int):
+        """This rank's slice of each global training batch (all ranks advance one shared position)."""
+        from ...data import PackedBatches
+        return PackedBatches(dataset, self.local_batch_size(batch_size), seq_len, split="train", seed=seed,
+                             rank=self.rank, world_size=self.world_size)
+
+    def parallelize(self, model: nn.Module, log=print) -> nn.Module:
+        """Expert parallel over ``ep`` ranks, then FSDP2 over all; returns the same (sharded) model."""
+        from .expert_parallel import max_ranks_per_token
+        from .parallelize import parallelize
+        c = model.config
+        self.plan = parallelize(model, self.ctx, ep=self.ep)
+        msg = (f"distributed: {self.world_size} ranks ({self.ctx.backend}), FSDP2 over all ranks, "
+               f"expert parallel size {self.ep}")
+        if self.ep > 1:
+            reach = max_ranks_per_token(c.n_routed_experts, c.n_group, c.topk_group, c.num_experts_per_tok, self.ep)
+            msg += (f"; {c.n_routed_experts // self.ep} experts per rank, each token reaches at most {reach} "
+                    f"of {self.ep} EP ranks (n_group={c.n_group}, topk_group={c.topk_group})")
+        if self.plan.mixed_precision:
+            msg += "; bf16 parameters for compute, fp32 reduction"
+        log(msg)
+        return model
+
+    # ------------------------------------------------------------------ one step
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        from .parallelize import clip_grad_norm
+        return clip_grad_norm(model, max_norm, self.ctx)
+
+    def reduce_step(self, sums: dict[str, float], finite: bool, counts: dict):
+        """Average the logged losses over ranks, AND the finite flags, sum the expert counts.
+
+        ``counts`` maps router names to ``[E]`` token counts of this rank (or 0 for a router that did
+        not run); the result holds the global counts, the same on every rank.
+        """
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys] + [0.0 if finite else 1.0], dtype=torch.float64)
+        self.ctx.all_reduce(vec)
+        out = {k: float(vec[i]) / self.world_size for i, k in enumerate(keys)}
+        finite = float(vec[-1]) == 0.0
+        names = [n for n, c in counts.items() if torch.is_tensor(c)]
+        if names:
+            stacked = torch.stack([counts[n] for n in names])                   # [routers, E]
+            self.ctx.all_reduce(stacked)
+            counts = dict(counts, **{n: stacked[i] for i, n in enumerate(names)})
+        return out, finite, counts
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, out_dir: Path, name: str, model: nn.Module, tokenizer, optimizer, trainer_state: dict) -> Path:
+        """Gather and write a checkpoint in the single-process layout (collective; rank 0 writes)."""
+        from .checkpoint import save_parallel_checkpoint
+        return save_parallel_checkpoint(self.ctx, out_dir, name, model, tokenizer, optimizer, trainer_state)
+
+    def load(self, path: Path, model: nn.Module, optimizer) -> dict:
+        """Resume from a checkpoint saved at any world size; returns its trainer state."""
+        from .checkpoint import load_parallel_checkpoint
+        return load_parallel_checkpoint(path, model, optimizer)
+
+    def plain_model(self, path: Path):
+        """A single-device copy of a saved checkpoint (rank 0 samples from it without the other ranks)."""
+        from ...checkpoint import load_pretrained
+        return load_pretrained(path, dtype=torch.float32).to(self.device)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, summary: dict | None) -> dict:
+        """Share rank 0's run summary with every rank, then leave the process group."""
+        summary = self.ctx.broadcast_object(summary)
+        if not self.is_main:
+            summary = dict(summary, rank=self.rank)
+        self.ctx.close()
+        return summary
+
+
+def silent(*args, **kwargs) -> None:
+    """The log function of ranks other than 0."""
