@@ -121,6 +121,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     config, name = load_config(args)
     flops_seq = args.seq_len or INFO_SEQ_LEN
     s = summary(config, seq_len=flops_seq, dtype=args.dtype, name=name)
+    from .quant.memory import fp8_weight_bytes, format_weight_bytes
+    s["weights"] = fp8_weight_bytes(config)
     status = 0
     if args.forward:
         s["forward"] = _run_forward(config, s["params"], args)
@@ -129,6 +131,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
     else:
         print(format_summary(s))
+        print(format_weight_bytes(s["weights"]))
         if args.forward:
             print(_format_forward(s["forward"]))
     if status:
@@ -740,7 +743,7 @@ SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_generate_p
 # ``add_parsers(subparsers, bench, experiment)``: top-level commands go into ``subparsers``,
 # ``dsv3 bench NAME`` into ``bench`` and ``dsv3 experiment NAME`` into ``experiment``. These modules
 # must stay cheap to import (heavy imports go inside their cmd_* functions).
-FEATURE_CLIS: list[str] = ["dsv3.serve.cli", "dsv3.post.cli"]
+FEATURE_CLIS: list[str] = ["dsv3.serve.cli", "dsv3.post.cli", "dsv3.quant.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,19 @@
 
 ``quantize_model(model)`` swaps the linear layers that the official checkpoints store in FP8 for
 :class:`~dsv3.quant.linear.FP8Linear` / :class:`~dsv3.quant.linear.FP8RoutedExperts`;
-``load_pretrained(path, keep_fp8=True)`` does the same while loading an FP8 checkpoint.
+``load_pretrained(path, keep_fp8=True)`` does the same while loading an FP8 checkpoint;
+``dsv3 convert`` (:mod:`dsv3.quant.convert`) rewrites checkpoints into the FP8 layout and back.
 """
 
-from .linear import FP8Linear, FP8RoutedExperts, fp8_linear, quantize_model, replace_with_fp8
+__all__ = ["FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8", "fp8_weight_bytes"]
 
-__all__ = ["FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8"]
+
+def __getattr__(name):
+    # Imported on first use, so that `dsv3.quant.cli` (loaded by every `dsv3` command) stays cheap.
+    if name in ("FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8"):
+        from . import linear
+        return getattr(linear, name)
+    if name == "fp8_weight_bytes":
+        from . import memory
+        return memory.fp8_weight_bytes
+    raise AttributeError(name)
