@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
-                           save_training_checkpoint)
+from ..train.state import clean_stale_temps, list_checkpoints, load_training_state, save_training_checkpoint
 from ..train.trainer import MetricsLog, _autocast
+from .sft import resume_point
 
 
 class GRPOError(RuntimeError):
@@ -208,7 +208,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out_dir)
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = resume_point(out_dir) if resume else None
     if resume and ckpt is None:
         raise GRPOError(f"{out_dir}: no complete checkpoint to resume from")
     if ckpt is not None:
@@ -252,7 +252,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         st = {"step": step, "grpo_config": dataclasses.asdict(cfg), "reference_model": cfg.model}
         return save_training_checkpoint(out_dir, name, policy, tokenizer, optimizer, st)
 
-    first_eval = evaluate(start) if cfg.eval_problems else {}
+    first_eval = evaluate(start) if cfg.eval_problems and ckpt is None else {}
     last_eval = first_eval
     bar = None
     if cfg.progress:

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
-                           save_training_checkpoint)
+from ..train.state import clean_stale_temps, list_checkpoints, load_training_state, save_training_checkpoint
 from ..train.trainer import MetricsLog, _autocast
 
 
@@ -71,6 +70,16 @@ class SFTConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out)
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run: the last ``checkpoint-STEP`` or ``final`` (so a finished
+    run can be extended with more steps), whichever has the higher step."""
+    candidates = list_checkpoints(out_dir)
+    final = Path(out_dir) / "final"
+    if (final / "trainer_state.json").is_file():
+        candidates.append((json.loads((final / "trainer_state.json").read_text())["step"], final))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
 def _device(name: str | None) -> torch.device:
@@ -189,7 +198,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out_dir)
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    ckpt = resume_point(out_dir) if resume else None
     if resume and ckpt is None:
         raise SFTError(f"{out_dir}: no complete checkpoint to resume from")
     if ckpt is not None:
