@@ -64,47 +64,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_dir: str, *flags: str, env: dict | None = None):
+def _launch(model_dir: str, *flags: str, env: dict | None = None):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", model_dir, "--port", str(port),
                              "--threads", "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait(proc, base: str) -> str:
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read()}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
+                return base
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
     raise RuntimeError("server did not come up")
 
 
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+@pytest.fixture(scope="module")
+def launched(model_dir):
+    """Both servers start together (their start-up is mostly imports; overlapping them saves time)."""
+    main = _launch(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
+    # API key from the environment, one sequence at a time, a queue of one.
+    small = _launch(model_dir, "--max-queue", "1", "--max-num-seqs", "1", env={"DSV3_API_KEY": API_KEY})
+    yield main, small
+    for proc, _ in (main, small):
+        proc.terminate()
+    for proc, _ in (main, small):
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    proc, base = _start(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
-    yield base
-    _stop(proc)
+def server(launched):
+    return _wait(*launched[0])
 
 
 @pytest.fixture(scope="module")
-def small_server(model_dir):
-    """API key from the environment, one sequence at a time, a queue of one."""
-    proc, base = _start(model_dir, "--max-queue", "1", "--max-num-seqs", "1", env={"DSV3_API_KEY": API_KEY})
-    yield base
-    _stop(proc)
+def small_server(launched):
+    return _wait(*launched[1])
 
 
 @pytest.fixture(scope="module")

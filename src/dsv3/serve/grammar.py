@@ -43,6 +43,51 @@ from .protocol import APIError
 # Bytes a compact JSON text never holds raw: C0 controls (inside strings they must be escaped; the
 # compact layout needs no whitespace). The tool-call block itself uses "\n" around its fences.
 _CONTROL_BYTES = frozenset(range(0x20))
+# Calls in one forced tool-call block, at most (with parallel calls on): a random model would
+# otherwise keep opening new calls until max_tokens and the block would never close.
+MAX_TOOL_CALLS = 8
+
+
+# UTF-8 as an automaton over bytes, so a grammar segment can refuse tokens that would make the text
+# invalid UTF-8 (byte-level tokens can split characters; xgrammar accepts some byte sequences that
+# decode to U+FFFD, which would then break the schema's string lengths). A state says what the next
+# byte must be: (lowest, highest allowed byte, state after it). State 0 expects a character start.
+_UTF8_STATES = {
+    1: (0x80, 0xBF, 0), 2: (0x80, 0xBF, 1), 3: (0x80, 0xBF, 2),      # 1, 2, 3 continuation bytes left
+    4: (0xA0, 0xBF, 1), 5: (0x80, 0x9F, 1),                          # after E0 (no overlong), ED (no surrogate)
+    6: (0x90, 0xBF, 2), 7: (0x80, 0x8F, 2),                          # after F0 (no overlong), F4 (<= U+10FFFF)
+}
+_N_UTF8_STATES = 8
+
+
+def _utf8_step(state: int, byte: int) -> int:
+    """The state after ``byte``, or -1 if it makes the text invalid UTF-8."""
+    if state:
+        lo, hi, nxt = _UTF8_STATES[state]
+        return nxt if lo <= byte <= hi else -1
+    if byte < 0x80:
+        return 0
+    if 0xC2 <= byte <= 0xDF:
+        return 1
+    if 0xE0 <= byte <= 0xEF:
+        return {0xE0: 4, 0xED: 5}.get(byte, 2)
+    if 0xF0 <= byte <= 0xF4:
+        return {0xF0: 6, 0xF4: 7}.get(byte, 3)
+    return -1                                     # continuation without a start, C0/C1, F5..FF
+
+
+def _utf8_table(pieces: list[bytes], vocab_size: int) -> torch.Tensor:
+    """``[states, V]`` int8: the state after each token from each state, -1 where it is invalid."""
+    table = torch.full((_N_UTF8_STATES, vocab_size), -1, dtype=torch.int8)
+    for i, piece in enumerate(pieces[:vocab_size]):
+        for start in range(_N_UTF8_STATES):
+            state = start
+            for byte in piece:
+                state = _utf8_step(state, byte)
+                if state < 0:
+                    break
+            table[start, i] = state
+    return table
 
 
 class GrammarBackend:
@@ -74,16 +119,17 @@ class GrammarBackend:
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         # [V] bool: tokens whose bytes hold a control character other than "\n" (JSON never needs
         # them raw), and the same with "\n" too for plain JSON output.
+        pieces = self.info.decoded_vocab                                   # raw bytes of every token
         bad_nl = torch.zeros(self.vocab_size, dtype=torch.bool)
         bad = torch.zeros(self.vocab_size, dtype=torch.bool)
         for i in range(tok.vocab_size):
             if i in tok.special_ids:
                 continue
-            raw = tok.decode([i]).encode("utf-8", "surrogatepass")
-            ctrl = _CONTROL_BYTES.intersection(raw)
+            ctrl = _CONTROL_BYTES.intersection(pieces[i])
             bad_nl[i] = bool(ctrl)
             bad[i] = bool(ctrl - {0x0A})
         self.control_mask, self.control_mask_keep_newline = bad_nl, bad
+        self.utf8_next = _utf8_table(pieces, self.vocab_size)
         # Special ids and the model's padding ids past the tokenizer. xgrammar sees them as empty
         # strings, and an empty string fits anywhere, so a grammar segment bans them itself (all but
         # the one id that ends the segment).
@@ -123,7 +169,8 @@ class GrammarBackend:
         compiled = self._compiled(key, build)
         return JSONConstraint(self, compiled, thinking)
 
-    def tool_constraint(self, tools: list[dict], parallel: bool, thinking: bool = False) -> "ToolCallConstraint":
+    def tool_constraint(self, tools: list[dict], parallel: bool, thinking: bool = False,
+                        max_calls: int = MAX_TOOL_CALLS) -> "ToolCallConstraint":
         """A constraint forcing a tool-call block that calls functions of ``tools`` with valid arguments."""
         key = "tools:" + json.dumps([t["function"] for t in tools], sort_keys=True)
 
@@ -145,7 +192,7 @@ class GrammarBackend:
             return compiler.compile_grammar(grammar)
 
         compiled = self._compiled(key, build)
-        return ToolCallConstraint(self, compiled, parallel, thinking)
+        return ToolCallConstraint(self, compiled, max_calls if parallel else 1, thinking)
 
 
 class _Constraint:
@@ -164,6 +211,7 @@ class _Constraint:
         xgr = self.backend._xgr
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=[stop_id])
         self.stop_id = stop_id
+        self.utf8 = 0                      # UTF-8 automaton state of the text the matcher accepted
         if self.bitmask is None:
             self.bitmask = xgr.allocate_token_bitmask(1, self.backend.vocab_size)
 
@@ -171,9 +219,17 @@ class _Constraint:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         out = logits.float().clone().unsqueeze(0)                        # [1, V]
         self.backend._xgr.apply_token_bitmask_inplace(out, self.bitmask)
-        banned = control | self.backend.special_mask
-        banned[self.stop_id] = False
-        return out[0].masked_fill(banned.to(out.device), float("-inf"))
+        banned = control | self.backend.special_mask | (self.backend.utf8_next[self.utf8] < 0)
+        banned[self.stop_id] = self.utf8 != 0                            # end only on a whole character
+        masked = out[0].masked_fill(banned.to(out.device), float("-inf"))
+        # Our extra bans must never leave nothing to sample; the grammar's own mask always leaves something.
+        return masked if bool(torch.isfinite(masked).any()) else out[0]
+
+    def _grammar_accept(self, tok: int) -> None:
+        if not self.matcher.accept_token(tok):
+            self.failed = True
+        if tok < self.backend.vocab_size and tok != self.stop_id:
+            self.utf8 = max(0, int(self.backend.utf8_next[self.utf8, tok]))
 
     @staticmethod
     def _only(logits: torch.Tensor, allowed: list[int]) -> torch.Tensor:
@@ -219,8 +275,7 @@ class JSONConstraint(_Constraint):
         self._new_matcher(compiled, self.tok.eos_id)
 
     def accept(self, tok: int) -> None:
-        if not self.matcher.accept_token(tok):
-            self.failed = True
+        self._grammar_accept(tok)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         if self.matcher.is_terminated():
@@ -231,9 +286,9 @@ class JSONConstraint(_Constraint):
 class ToolCallConstraint(_Constraint):
     """The V3 tool-call block: forced markers around grammar-matched ``NAME\\n```json\\nARGS\\n````."""
 
-    def __init__(self, backend: GrammarBackend, compiled, parallel: bool, thinking: bool = False):
+    def __init__(self, backend: GrammarBackend, compiled, max_calls: int = 1, thinking: bool = False):
         super().__init__(backend, thinking)
-        self.compiled, self.parallel = compiled, parallel
+        self.compiled, self.max_calls, self.calls = compiled, max_calls, 0
         t = self.tok
         self.calls_begin, self.call_begin = t.token_id(TOOL_CALLS_BEGIN), t.token_id(TOOL_CALL_BEGIN)
         self.sep, self.call_end = t.token_id(TOOL_SEP), t.token_id(TOOL_CALL_END)
@@ -263,17 +318,18 @@ class ToolCallConstraint(_Constraint):
                 self.failed = True
             return
         if self.matcher is not None:
-            if not self.matcher.accept_token(tok):
-                self.failed = True
+            self._grammar_accept(tok)
             if self.matcher.is_terminated():       # it accepted <｜tool▁call▁end｜>
                 self.matcher = None
                 self.choosing = True
+                self.calls += 1
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         if self.forced:
             return self._only(logits, [self.forced[0]])
         if self.choosing:
-            return self._only(logits, [self.call_begin, self.calls_end] if self.parallel else [self.calls_end])
+            more = self.calls < self.max_calls
+            return self._only(logits, [self.call_begin, self.calls_end] if more else [self.calls_end])
         if self.matcher is not None:
             return self._grammar_mask(logits, self.backend.control_mask_keep_newline)
         return self._only(logits, [self.eos])      # the block is complete

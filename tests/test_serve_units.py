@@ -1,0 +1,234 @@
+"""The server's parts in-process: the engine's logits-processor hook, xgrammar constraints on a random
+model (the output must parse and validate whatever the model prefers), and the incremental reply
+parser (reasoning / content / tool calls, however the tokens are grouped into steps)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+from pydantic import BaseModel, Field
+
+import dsv3
+from dsv3.engine import LLM, SamplingParams
+from dsv3.serve.grammar import BanTokens, GrammarBackend
+from dsv3.serve.protocol import APIError, ChatCompletionRequest, parse_body
+from dsv3.serve.tools import ChatOutputParser, check_tools, tool_choice_of
+from dsv3.tokenizer import (EOS_TOKEN, THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+                            TOOL_SEP, parse_tool_calls, train_tokenizer)
+
+TEXT = ("the engine reads a prompt and writes one token at a time {\"key\": [1, 2.5, true, null]}\n" * 40
+        + "def step(self, batch):\n    return batch\n" * 20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([TEXT], vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def llm(tok):
+    cfg = tiny_config(vocab_size=tok.vocab_size + 8, max_position_embeddings=2048)   # padded vocab, like V2/V3
+    torch.manual_seed(0)
+    model = dsv3.Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    return LLM(model, tokenizer=tok, max_model_len=2048, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def grammar(tok, llm):
+    return GrammarBackend(tok, llm.config.vocab_size)
+
+
+class Item(BaseModel):
+    name: str = Field(max_length=10)
+    count: int = Field(ge=0, le=99)
+    tags: list[str] = Field(max_length=3)
+    ok: bool
+
+
+ITEM_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 10}, "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3}, "ok": {"type": "boolean"}},
+    "required": ["name", "count", "tags", "ok"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "make_item", "parameters": ITEM_SCHEMA}},
+         {"type": "function", "function": {"name": "ping", "parameters": {
+             "type": "object", "properties": {"host": {"type": "string", "maxLength": 6}}, "required": ["host"]}}}]
+
+
+# ------------------------------------------------------------------------------------ engine hook
+def test_logits_processor_restricts_tokens(llm):
+    allowed = [40, 41, 42]
+
+    def only(output_ids, logits):
+        keep = torch.full_like(logits, float("-inf"))
+        keep[allowed] = logits[allowed]
+        return keep
+
+    prompt = [llm.tokenizer.bos_id] + llm.tokenizer.encode("the engine")
+    plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6))[0]
+    outs = llm.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=6, logits_processors=[only]),
+                                           SamplingParams(temperature=0, max_tokens=6)])
+    assert set(outs[0].token_ids) <= set(allowed) and len(outs[0].token_ids) == 6
+    assert outs[1].token_ids == plain.token_ids            # its batch neighbour is untouched
+    banned = plain.token_ids[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logits_processors=[BanTokens([banned])]))
+    assert out[0].token_ids[0] != banned
+
+
+def test_processors_switch_off_speculation(tok, llm):
+    spec = LLM(llm.model, tokenizer=tok, max_model_len=256, max_num_seqs=2, speculative="mtp")
+    seen = []
+
+    def spy(output_ids, logits):
+        seen.append(len(output_ids))
+        return logits
+
+    spec.generate([[tok.bos_id, 50, 51]], SamplingParams(temperature=0, max_tokens=5, logits_processors=[spy]))
+    assert spec.spec_stats["drafted"] == 0 and seen == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ grammars
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_output_validates(llm, grammar, seed):
+    prompt = [llm.tokenizer.bos_id] + llm.tokenizer.encode("the engine")
+    c = grammar.json_constraint(ITEM_SCHEMA)
+    out = llm.generate([prompt], SamplingParams(temperature=1.5, seed=seed, max_tokens=150,
+                                                logits_processors=[c]))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == llm.tokenizer.eos_id and not c.failed
+    text = llm.tokenizer.decode(out.token_ids[:-1])
+    Item.model_validate(json.loads(text))                   # strict json, then pydantic's validation
+
+
+def test_json_object_and_bad_schema(llm, grammar):
+    prompt = [llm.tokenizer.bos_id] + llm.tokenizer.encode("def")
+    for seed in range(2):
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=120,
+                                                    logits_processors=[grammar.json_constraint(None)]))[0]
+        text = llm.tokenizer.decode([t for t in out.token_ids if t != llm.tokenizer.eos_id])
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert text.startswith("{")
+    with pytest.raises(APIError, match="schema"):
+        grammar.json_constraint({"type": "object", "properties": {"a": {"type": "no-such-type"}}})
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_forced_tool_calls_parse_and_validate(llm, grammar, tok, thinking):
+    prompt = tok.render_chat([{"role": "user", "content": "go"}], thinking=thinking, tools=TOOLS)
+    think_end = tok.token_id(THINK_END)
+
+    def end_thinking_at_3(output_ids, logits):      # a model that reasons for three tokens
+        if len(output_ids) != 3:
+            return logits
+        return torch.full_like(logits, float("-inf")).index_fill(0, torch.tensor([think_end]), 0.0)
+
+    for seed in range(2):
+        c = grammar.tool_constraint(TOOLS, parallel=True, thinking=thinking, max_calls=3)
+        procs = [end_thinking_at_3, c] if thinking else [c]
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=300,
+                                                    logits_processors=procs))[0]
+        text = tok.decode(out.token_ids)
+        if thinking:
+            assert out.token_ids[3] == think_end and tok.eos_id not in out.token_ids[:3]
+            text = tok.decode(out.token_ids[4:])
+        assert out.finish_reason == "stop" and not c.failed
+        assert text.startswith(TOOL_CALLS_BEGIN) and text.endswith(TOOL_CALLS_END + EOS_TOKEN)
+        content, calls = parse_tool_calls(text)
+        assert content == "" and 1 <= len(calls) <= 3
+        for call in calls:
+            args = json.loads(call["arguments"])
+            if call["name"] == "make_item":
+                Item.model_validate(args)
+            else:
+                assert call["name"] == "ping" and set(args) == {"host"} and len(args["host"]) <= 6
+
+
+def test_named_tool_without_parallel_calls_once(llm, grammar, tok):
+    prompt = tok.render_chat([{"role": "user", "content": "go"}], tools=TOOLS)
+    c = grammar.tool_constraint([TOOLS[1]], parallel=False)
+    out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=0, max_tokens=200, logits_processors=[c]))[0]
+    _, calls = parse_tool_calls(tok.decode(out.token_ids))
+    assert [c["name"] for c in calls] == ["ping"]
+
+
+# ------------------------------------------------------------------------------------ reply parser
+def _reply_ids(tok, reasoning: str, content: str, calls: list[tuple[str, str]]) -> list[int]:
+    ids = tok.encode(reasoning) + [tok.token_id(THINK_END)] + tok.encode(content)
+    if calls:
+        ids.append(tok.token_id(TOOL_CALLS_BEGIN))
+        for name, args in calls:
+            ids += [tok.token_id(TOOL_CALL_BEGIN), *tok.encode("function"), tok.token_id(TOOL_SEP),
+                    *tok.encode(f"{name}\n```json\n{args}\n```"), tok.token_id(TOOL_CALL_END)]
+        ids.append(tok.token_id(TOOL_CALLS_END))
+    return ids + [tok.eos_id]
+
+
+def _feed(parser, ids, cuts):
+    reasoning = content = ""
+    calls = []
+    bounds = [0, *cuts, len(ids)]
+    for a, b in zip(bounds, bounds[1:]):
+        d = parser.update(ids[:b], final=b == len(ids))
+        reasoning += d.reasoning
+        content += d.content
+        calls += d.tool_calls
+    return reasoning, content, calls
+
+
+def test_parser_any_chunking(tok):
+    calls = [("make_item", '{"name": "é", "count": 3}'), ("ping", '{"host": "a.b"}')]
+    ids = _reply_ids(tok, "let me think ✓", "calling now", calls)
+    rng = random.Random(0)
+    groupings = [list(range(1, len(ids))), []]              # token by token; everything in one step
+    groupings += [sorted(rng.sample(range(1, len(ids)), k)) for k in (2, 5, 9)]
+    for cuts in groupings:
+        parser = ChatOutputParser(tok, thinking=True, parse_tools=True)
+        reasoning, content, got = _feed(parser, ids, cuts)
+        assert reasoning == "let me think ✓" and content == "calling now"
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
+        assert [c["index"] for c in got] == [0, 1] and len({c["id"] for c in got}) == 2
+
+
+def test_parser_stop_string_is_never_streamed(tok):
+    ids = tok.encode("the engine reads STOP and writes") + [tok.eos_id]
+    for cuts in (list(range(1, len(ids))), []):
+        parser = ChatOutputParser(tok, stop=["STOP", "zzz"])
+        _, content, _ = _feed(parser, ids, cuts)
+        assert content == "the engine reads " and parser.stopped
+
+
+def test_parser_plain_text_with_partial_utf8(tok):
+    ids = tok.encode("naïve ✓ café")                        # byte-level: multi-byte chars span tokens
+    parser = ChatOutputParser(tok)
+    _, content, _ = _feed(parser, ids, list(range(1, len(ids))))
+    assert content == "naïve ✓ café"
+
+
+# ------------------------------------------------------------------------------------ request checks
+def test_request_validation_names_the_field():
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert parse_body(json.dumps(body).encode(), ChatCompletionRequest).n == 1
+    for bad, field in [({"n": "2"}, "n"), ({"top_p": 0}, "top_p"), ({"stop": [1]}, "stop"),
+                       ({"presence_penalty": -3}, "presence_penalty"), ({"messages": []}, "messages")]:
+        with pytest.raises(APIError) as e:
+            parse_body(json.dumps({**body, **bad}).encode(), ChatCompletionRequest)
+        assert e.value.status == 400 and e.value.param == field and field in e.value.message
+    with pytest.raises(APIError, match="name must match"):
+        check_tools([{"type": "function", "function": {"name": "bad name"}}])
+    with pytest.raises(APIError, match="not in tools"):
+        tool_choice_of({"type": "function", "function": {"name": "other"}}, check_tools(TOOLS))
