@@ -377,6 +377,16 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         raise ValueError(f"need one generator (or None) per row: {len(generators)} != {len(params)}")
     if logprobs_mode not in ("raw", "processed"):
         raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
+    if all(p.greedy and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty
+                                                      or p.repetition_penalty != 1) for p in params):
+        # Plain greedy rows: the argmax is the answer, no softmax or sort over the vocabulary. Both
+        # logprob modes agree here (no penalty, greedy ignores temperature and filters).
+        if logits.dim() != 2 or logits.shape[0] != len(params):
+            raise ValueError(f"logits must be [B, V] with B == len(params) == {len(params)}, got {tuple(logits.shape)}")
+        logits = logits.float()
+        token_ids = logits.argmax(dim=-1)
+        chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
+        return SampleOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=[None] * len(params))
     proc = _process(logits, params, output_token_counts, prompt_mask)
     probs = _final_probs(proc)  # [B, V]
 

@@ -1,0 +1,100 @@
+"""Engine fast paths: static-shape (CUDA-graph) decode steps, the greedy sampling shortcut.
+
+The static decode step pads a batch to its bucket with rows that write only the scratch block; on
+the CPU its buffers run eagerly, so the padding and block-table logic is checked here against the
+plain engine and against the model's own contiguous-cache greedy decoding. On a GPU the captured
+graphs are checked against eager decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.engine.cuda_graph import CUDAGraphDecoder
+from dsv3.engine.llm import LLM
+from dsv3.engine.sampling import SamplingParams, sample
+from dsv3.sample import generate
+from test_engine import PROMPTS, random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import dsv3
+    return dsv3.load_pretrained(random_checkpoint(tmp_path_factory.mktemp("fast"), mtp_layers=1, seed=3))
+
+
+def _run_staggered(llm, params):
+    """Requests join a running batch at different times, so the batch size (and bucket) changes."""
+    seqs = [llm.add_request(PROMPTS[0], params), llm.add_request(PROMPTS[1], params)]
+    for extra in PROMPTS[2:]:
+        for _ in range(2):
+            llm.step()
+        seqs.append(llm.add_request(extra, params))
+    while llm.scheduler.has_work():
+        llm.step()
+    return [s.output for s in seqs]
+
+
+def test_static_decode_steps_equal_plain_engine_and_model(model):
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    plain = _run_staggered(LLM(model, block_size=4, max_num_batched_tokens=16, max_model_len=64), greedy)
+    llm = LLM(model, block_size=4, max_num_batched_tokens=16, max_model_len=64, max_num_seqs=6, cuda_graphs=True)
+    assert isinstance(llm.runner.graphs, CUDAGraphDecoder) and not llm.runner.graphs.capture
+    static = _run_staggered(llm, greedy)
+    assert static == plain
+    for p, out in zip(PROMPTS, static):
+        assert out == generate(model, p, 9, temperature=0)   # contiguous cache, no engine at all
+    # Padding rows wrote only the scratch block, which no sequence ever owns.
+    assert llm.cache.scratch_slot == llm.cache.num_blocks * llm.cache.block_size
+
+
+def test_static_decode_with_mtp_speculation_equals_plain_greedy(model):
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    plain = _run_staggered(LLM(model, block_size=4, max_model_len=64), greedy)
+    spec = LLM(model, block_size=4, max_model_len=64, speculative="mtp", num_speculative_tokens=2, cuda_graphs=True)
+    assert _run_staggered(spec, greedy) == plain
+
+
+def test_buckets_and_fit():
+    class _Cache:
+        block_size, scratch_slot = 4, 40
+        kv = torch.zeros(1, 44, 3)
+
+    g = CUDAGraphDecoder(None, _Cache(), max_num_seqs=20, max_model_len=30, capture=False)
+    assert g.max_blocks == 8
+    assert [g.bucket(n) for n in (1, 2, 3, 5, 9, 17, 20)] == [1, 2, 4, 8, 16, 20, 20]
+    assert g.fits([([1], 0, [0] * 8)]) and not g.fits([([1], 0, [0] * 9)])
+    assert not g.fits([([1], 0, [0])] * 21)
+    with pytest.raises(ValueError, match="CUDA"):
+        CUDAGraphDecoder(None, _Cache(), 4, 30, capture=True)
+
+
+def test_greedy_shortcut_equals_full_sampler():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g) * 3
+    params = [SamplingParams(temperature=0)] * 5
+    fast = sample(logits, params, [None] * 5)
+    # Force the general pipeline: one row asks for logprobs (the shortcut needs none requested).
+    full = sample(logits, params[:4] + [SamplingParams(temperature=0, logprobs=0)], [None] * 5)
+    assert torch.equal(fast.token_ids, logits.argmax(-1)) and torch.equal(fast.token_ids, full.token_ids)
+    torch.testing.assert_close(fast.logprobs, full.logprobs)
+    torch.testing.assert_close(fast.logprobs, logits.double().log_softmax(-1).gather(1, fast.token_ids[:, None])
+                               .squeeze(1).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_equal_eager_on_gpu(model, dtype):
+    import copy
+    m = copy.deepcopy(model).to("cuda", dtype)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eager = _run_staggered(LLM(m, block_size=16, max_model_len=128, cuda_graphs=False), greedy)
+    llm = LLM(m, block_size=16, max_model_len=128)
+    graphed = _run_staggered(llm, greedy)
+    assert llm.runner.graphs is not None
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9:
+        assert llm.runner.graphs.graphs, "bf16 on sm90+ (grouped-GEMM experts) must be capturable"
+    same = sum(a == b for a, b in zip(eager, graphed))
+    assert same == len(eager) if dtype == torch.float32 else same >= len(eager) - 1   # bf16: near-ties may flip
