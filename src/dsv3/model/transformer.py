@@ -97,6 +97,11 @@ class Transformer(nn.Module):
 
     def mtp_forward(self, input_ids: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over a whole sequence: depth k's logits at position i predict token i+k+1."""
+        return [self.lm_head(hk).float() for hk in self.mtp_hidden_states(input_ids, h, cos, sin)]
+
+    def mtp_hidden_states(self, input_ids: torch.Tensor, h: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> list[torch.Tensor]:
+        """Depth k's normed hidden states ``[B, S-k, D]`` (its logits without the head), k = 1..D."""
         out = []
         S = input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
@@ -104,7 +109,7 @@ class Transformer(nn.Module):
                 break
             emb = self.embed_tokens(input_ids[:, k:])                      # tokens i+k, i < S-k
             h = module(h[:, : S - k], emb, cos[: S - k], sin[: S - k])
-            out.append(self.lm_head(module.norm(h)).float())
+            out.append(module.norm(h))
         return out
 
     # ------------------------------------------------------------------ helpers
