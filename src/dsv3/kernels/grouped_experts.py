@@ -3,8 +3,8 @@
 The reference is ``RoutedExperts.forward`` in ``model/moe.py``: a Python loop over experts that
 needs each expert's token count on the host (one device sync) and launches 3 small GEMMs per
 expert. On a GPU that loop is launch-bound (64 experts x 3 GEMMs x layers), so the model calls
-``grouped_swiglu`` instead when ``grouped_mm_usable`` says the fast path applies: CUDA, bf16
-compute (autocast or bf16 weights), and dimensions the kernel accepts. Token slots are sorted by
+``grouped_swiglu`` instead when ``grouped_mm_usable`` says the fast path applies: CUDA with bf16
+compute (autocast or bf16 weights) and dimensions the kernel accepts, or CPU inference. Token slots are sorted by
 expert and the per-expert offsets stay on the device, so no sync is needed either.
 
 The gate weight multiplies the ``I``-wide hidden state, as in the reference, and the ``k`` expert
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 # torch._grouped_mm wants 16-byte aligned rows: multiples of 8 bf16 values.
 _ALIGN = 8
+# torch._grouped_mm has a CPU kernel from torch 2.9 on (earlier versions raise NotImplementedError).
+_CPU_GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -27,7 +29,14 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def grouped_mm_usable(x: torch.Tensor, gate_proj: torch.Tensor) -> bool:
-    """True when ``grouped_swiglu`` can run these experts: CUDA, bf16 compute, aligned dims."""
+    """True when ``grouped_swiglu`` should run these experts.
+
+    CUDA (sm90+): bf16 compute with aligned dims, training or not. CPU: inference only (no grad),
+    where decoding is op-overhead bound and the loop's per-expert launches dominate; for training on
+    CPU the reference loop's backward is faster.
+    """
+    if x.device.type == "cpu":
+        return _CPU_GROUPED_MM and not torch.is_grad_enabled()
     if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:  # the kernel targets sm90+
@@ -40,15 +49,15 @@ def grouped_swiglu(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, g
                    up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """``sum_k weights[t,k] * expert_{topk[t,k]}(x[t])`` for x ``[T, D]``; experts ``[E, I, D]``/``[E, D, I]``.
 
-    Same function as ``RoutedExperts.forward``; returns ``[T, D]`` in ``x.dtype``.
+    Same function as ``RoutedExperts.forward``; returns ``[T, D]`` in ``x.dtype``. GEMMs run in bf16
+    on CUDA, in the weights' dtype on CPU.
     """
     T, k = topk.shape
-    n_experts = gate_proj.shape[0]
-    dtype = torch.bfloat16
-    flat = topk.flatten()                                      # [T*k]
-    expert_sorted, order = flat.sort(stable=True)              # token slots grouped by expert
-    counts = torch.bincount(expert_sorted, minlength=n_experts)
-    offs = counts.cumsum(0).to(torch.int32)                    # [E] end row of each expert's group
+    dtype = torch.bfloat16 if x.is_cuda else _compute_dtype(x, gate_proj)
+    expert_sorted, order = topk.flatten().sort(stable=True)   # token slots grouped by expert
+    # End row of each expert's group, found on the device (bincount would read its max on the host).
+    ids = torch.arange(gate_proj.shape[0], device=x.device, dtype=expert_sorted.dtype)
+    offs = torch.searchsorted(expert_sorted, ids, right=True).to(torch.int32)       # [E]
     xs = x.index_select(0, order // k).to(dtype)               # [T*k, D]
     # _grouped_mm(A [S, K], B [E, K, N]) -> [S, N]; our weights are [E, N, K], so pass transposed views.
     gate = torch._grouped_mm(xs, gate_proj.to(dtype).transpose(1, 2), offs=offs)   # [T*k, I]

@@ -21,9 +21,6 @@ from ..config import ModelConfig
 from ..kernels.grouped_experts import grouped_mm_usable, grouped_swiglu
 from .mlp import MLP
 
-# torch._grouped_mm has a CPU kernel from torch 2.9 on (earlier versions raise NotImplementedError).
-_CPU_GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
-
 
 class Router(nn.Module):
     """Scores experts and picks ``num_experts_per_tok`` of them per token.
@@ -98,10 +95,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
-        if grouped_mm_usable(x, self.gate_proj):  # CUDA + bf16: three grouped GEMMs, same function
+        if grouped_mm_usable(x, self.gate_proj):  # three grouped GEMMs, same function (kernels/)
             return grouped_swiglu(x, weights, topk, self.gate_proj, self.up_proj, self.down_proj)
-        if not torch.is_grad_enabled() and x.device.type == "cpu" and _CPU_GROUPED_MM:
-            return self._forward_grouped(x, weights, topk)
         T, k = topk.shape
         flat = topk.flatten()
         order = flat.argsort(stable=True)              # token-slots grouped by expert
@@ -126,21 +121,6 @@ class RoutedExperts(nn.Module):
             y = (h * rw.to(h.dtype)) @ w_down.T                        # [n, D]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
-
-    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
-        """Inference on CPU: the same function as three grouped GEMMs in x's dtype, without the
-        per-expert Python loop or the host sync on the token counts (decoding is op-overhead bound)."""
-        T, k = topk.shape
-        expert_sorted, order = topk.flatten().sort(stable=True)            # token slots grouped by expert
-        # End row of each expert's group, found on the device: the slots with expert id <= e.
-        ids = torch.arange(self.gate_proj.shape[0], device=x.device, dtype=expert_sorted.dtype)
-        offs = torch.searchsorted(expert_sorted, ids, right=True).to(torch.int32)   # [E]
-        xs = x.index_select(0, order // k)                                  # [T*k, D]
-        gate = torch._grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)    # [T*k, I]
-        up = torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)        # [T*k, I]
-        h = F.silu(gate) * up * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)        # [T*k, D]
-        return torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1).sum(1)  # back to token order
 
 
 class MoE(nn.Module):
