@@ -21,7 +21,7 @@ def small_config() -> ModelConfig:
 
 def test_bench_train_same_model_and_fields():
     r = bench_train(config=small_config(), batch_size=2, seq_len=16, steps=1, warmup=0, threads=1, mtp=True,
-                    device="cpu")
+                    plain_ce=True, device="cpu")
     for key in ("preset", "config", "batch_size", "seq_len", "tokens_per_step", "steps", "warmup", "optimizer",
                 "precision", "machine", "results", "ratio", "first_loss_ours", "first_loss_transformers",
                 "first_loss_abs_diff", "first_loss_match", "logit_check"):
@@ -32,7 +32,9 @@ def test_bench_train_same_model_and_fields():
     assert r["config"]["num_nextn_predict_layers"] == 0      # MTP off for the comparison
     assert r["tokens_per_step"] == 2 * 16
     names = [x["name"] for x in r["results"]]
-    assert names[0] == "dsv3" and names[1].startswith("transformers[sdpa") and names[2] == "dsv3+mtp1"
+    assert names[0] == "dsv3" and names[1].startswith("transformers[sdpa") and names[2:] == ["dsv3[plain-ce]", "dsv3+mtp1"]
+    assert r["results"][0]["fused_ce"] and not r["results"][2]["fused_ce"]
+    assert list(r["ratios"]) == ["dsv3", "dsv3[plain-ce]", "dsv3+mtp1"] and r["ratios"]["dsv3"] == r["ratio"]
     for x in r["results"]:
         assert x["tokens_per_s"] > 0 and x["step_s_median"] > 0 and len(x["step_s_all"]) == 1
     assert r["ratio"] > 0
@@ -40,8 +42,10 @@ def test_bench_train_same_model_and_fields():
     assert r["first_loss_abs_diff"] <= 1e-4 and r["first_loss_match"]
     assert abs(r["first_loss_ours"] - r["first_loss_transformers"]) <= 1e-4
     assert all(v["max_abs_diff"] <= 1e-4 for v in r["logit_check"].values())
+    # The fused head (ours) and full logits + F.cross_entropy (plain-ce, transformers) give the same loss.
+    assert abs(r["results"][2]["first_loss"] - r["first_loss_transformers"]) <= 1e-4
     # MTP adds lambda * CE_mtp to the same main loss, so it is strictly larger.
-    assert r["results"][2]["first_loss"] > r["first_loss_ours"]
+    assert r["results"][3]["first_loss"] > r["first_loss_ours"]
     json.dumps(r)                                              # JSON-ready
     assert "ratio ours /" in format_bench_train(r)
 

@@ -650,6 +650,11 @@ def add_bench_parser(subparsers):
     t.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
     t.add_argument("--mtp", action="store_true", help="also time ours with the preset's MTP modules (extra line)")
+    t.add_argument("--plain-ce", action="store_true",
+                   help="also time ours with full logits + F.cross_entropy instead of the fused head (extra line)")
+    t.add_argument("--compile", action="store_true",
+                   help="also time ours with torch.compile on attention, norms, MLPs and routers (extra line; "
+                        "compiles during --warmup)")
     t.add_argument("--torchtitan", action="store_true",
                    help="also try torchtitan's DeepSeek-V3 (if installed) and record whether it runs")
     t.add_argument("--transformers", nargs="+", default=["sdpa"], metavar="ATTN[/EXPERTS]",
@@ -667,7 +672,12 @@ def add_bench_parser(subparsers):
                                    "ratio, whether the greedy tokens are identical (they must be), and the KV "
                                    "cache bytes per token of both. --speculative mtp adds our engine with MTP "
                                    "speculative decoding: speedup, acceptance rate, mean accepted length.")
-    d.add_argument("--model", metavar="DIR", required=True, help="checkpoint directory (config.json + safetensors)")
+    d.add_argument("--model", metavar="DIR", default=None,
+                   help="checkpoint directory (config.json + safetensors); required unless --random-preset")
+    d.add_argument("--random-preset", metavar="NAME", default=None,
+                   help="instead of --model: a random-weight preset model (e.g. v2-lite); times our engine eagerly "
+                        "and with CUDA graphs and reports the memory-bandwidth roofline fraction (no transformers)")
+    d.add_argument("--dtype", default="bfloat16", help="weights dtype with --random-preset")
     d.add_argument("--batch", type=positive_int, default=1, help="sequences generated together")
     d.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
     d.add_argument("--gen-len", type=positive_int, default=64, help="new tokens per sequence")
@@ -696,7 +706,8 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     try:
         result = bench_train(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                              warmup=args.warmup, threads=args.threads, seed=args.seed, mtp=args.mtp,
-                             torchtitan=args.torchtitan, transformers_variants=args.transformers, device=args.device)
+                             torchtitan=args.torchtitan, transformers_variants=args.transformers, device=args.device,
+                             plain_ce=args.plain_ce, compile=args.compile)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(format_bench_train(result))
@@ -716,10 +727,30 @@ def _write_json(path: str, result: dict) -> None:
     print(f"written: {path}")
 
 
+def _cmd_bench_roofline(args: argparse.Namespace) -> int:
+    from .bench.decode import bench_decode_roofline, format_bench_roofline
+    if args.model is not None or args.speculative:
+        raise CLIError("--random-preset replaces --model and takes no --speculative")
+    try:
+        result = bench_decode_roofline(args.random_preset, dtype=args.dtype, batch=args.batch,
+                                       prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
+                                       seed=args.seed, device=args.device, threads=args.threads)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(format_bench_roofline(result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from .bench.decode import bench_decode, format_bench_decode
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.random_preset is not None:
+        return _cmd_bench_roofline(args)
+    if args.model is None:
+        raise CLIError("bench decode needs --model DIR (or --random-preset NAME)")
     try:
         result = bench_decode(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               threads=args.threads, seed=args.seed, speculative=args.speculative,

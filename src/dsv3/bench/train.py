@@ -200,19 +200,26 @@ def _ours(config: ModelConfig, seq_len: int, seed: int, device: torch.device) ->
         return Transformer(config, max_seq_len=seq_len)
 
 
-def _ours_runner(model: Transformer, device: torch.device, name: str = "dsv3") -> Runner:
-    mtp = len(model.mtp) > 0
+def _ours_runner(model: Transformer, device: torch.device, name: str = "dsv3", fused_ce: bool = True) -> Runner:
+    """Ours with the trainer's own loss code (``compute_losses``): next-token CE (+ lambda * mean MTP CE),
+    by default through the fused chunked head + cross-entropy as ``dsv3 train`` runs it. The balance
+    losses are off: transformers has none, and the first-step losses must agree."""
+    from ..train.trainer import TrainConfig, compute_losses
+    cfg = TrainConfig(fused_ce=fused_ce, mtp_weight=MTP_WEIGHT, seq_aux_alpha=0.0, aux_loss_alpha=0.0)
 
     def loss_fn(window: torch.Tensor) -> torch.Tensor:
-        x, y = window[:, :-1], window[:, 1:]
-        if not mtp:
-            return next_token_loss(model(x), y)
-        out = model(x, return_mtp=True)
-        # depth k at position i predicts token i+k+1 of the window, i.e. y[:, k:] (as the trainer does)
-        mtp_losses = [next_token_loss(lg, y[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1)]
-        return next_token_loss(out.logits, y) + MTP_WEIGHT * torch.stack(mtp_losses).mean()
+        return compute_losses(model, window, cfg)["loss"]
 
-    return Runner(name, model, loss_fn, device, {"mtp_depth": len(model.mtp)})
+    from ..train.compile import is_compiled
+    return Runner(name, model, loss_fn, device, {"mtp_depth": len(model.mtp), "fused_ce": fused_ce,
+                                                 "compiled": is_compiled(model)})
+
+
+def _ours_copy(ours: Transformer, config: ModelConfig, seq_len: int, seed: int, device: torch.device) -> Transformer:
+    """Another instance of ours holding ``ours``' weights (``config`` may add MTP modules, freshly initialized)."""
+    model = _ours(config, seq_len, seed, device)
+    model.load_state_dict(ours.state_dict(), strict=False)
+    return model
 
 
 def _transformers_runner(checkpoint_dir: str, attn: str, experts: str | None, device: torch.device) -> Runner:
@@ -253,13 +260,18 @@ def parse_variant(text: str) -> tuple[str, str | None]:
 def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, steps: int = 5, warmup: int = 2,
                 threads: int | None = None, seed: int = 0, mtp: bool = False, torchtitan: bool = False,
                 transformers_variants: tuple[str, ...] | list[str] = ("sdpa",), config: ModelConfig | None = None,
-                device: str | torch.device | None = None) -> dict:
+                device: str | torch.device | None = None, plain_ce: bool = False, compile: bool = False) -> dict:
     """Time full training steps of ours and of transformers' DeepSeek-V3 on the same model and batch.
 
     ``config`` overrides ``preset`` (small test configs). ``transformers_variants``: ``ATTN[/EXPERTS]``
     strings, the first is the reference for ``ratio``; ``EXPERTS`` left out is transformers' default.
     ``mtp=True`` adds ours with the preset's MTP depth (not compared: transformers has no MTP).
-    ``torchtitan=True`` tries torchtitan's DeepSeek-V3 too. Returns a JSON-ready dict.
+    ``torchtitan=True`` tries torchtitan's DeepSeek-V3 too. Ours (the first result, the ``ratio``)
+    computes its loss as ``dsv3 train`` does, with the fused chunked head + cross-entropy;
+    ``plain_ce=True`` adds ours with full logits + ``F.cross_entropy`` (as transformers computes it),
+    ``compile=True`` ours with :func:`dsv3.train.compile.compile_model` applied (compiled during
+    the warmup steps, so use ``warmup >= 2``). Each extra line of ours holds the same weights and has
+    its own ratio in ``ratios``. Returns a JSON-ready dict.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -276,11 +288,12 @@ def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, s
     dev = resolve_device(device)
     with torch_threads(threads):
         return _bench_train(base, name, cfg, batch_size, seq_len, steps, warmup, seed, mtp, torchtitan,
-                            transformers_variants, dev)
+                            transformers_variants, dev, plain_ce, compile)
 
 
 def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int, seq_len: int, steps: int,
-                 warmup: int, seed: int, mtp: bool, torchtitan: bool, transformers_variants, dev: torch.device) -> dict:
+                 warmup: int, seed: int, mtp: bool, torchtitan: bool, transformers_variants, dev: torch.device,
+                 plain_ce: bool = False, compile: bool = False) -> dict:
     threads = torch.get_num_threads()
 
     gen = torch.Generator().manual_seed(seed)
@@ -300,11 +313,17 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
             except Exception as e:  # noqa: BLE001 - a missing/broken peer is a result, not a crash
                 errors[f"transformers[{variant}]"] = f"{type(e).__name__}: {_first_line(e)}"
     logit_check = _logit_check(runners, window[:, :-1])
+    if plain_ce:
+        runners.append(_ours_runner(_ours_copy(ours, cfg, seq_len, seed, dev), dev, "dsv3[plain-ce]", fused_ce=False))
+    if compile:
+        from ..train.compile import compile_model
+        compiled = _ours_copy(ours, cfg, seq_len, seed, dev)
+        compile_model(compiled)
+        runners.append(_ours_runner(compiled, dev, "dsv3[compiled]"))
     if mtp:
         # Same main weights as the others, plus freshly initialized MTP modules (depth 1 if the preset has none).
         depth = base.num_nextn_predict_layers or 1
-        with_mtp = _ours(cfg.replace(num_nextn_predict_layers=depth), seq_len, seed, dev)
-        with_mtp.load_state_dict(ours.state_dict(), strict=False)
+        with_mtp = _ours_copy(ours, cfg.replace(num_nextn_predict_layers=depth), seq_len, seed, dev)
         runners.append(_ours_runner(with_mtp, dev, name=f"dsv3+mtp{depth}"))
     titan, titan_info = torchtitan_runner(cfg, window, dev) if torchtitan else (None, None)
     # torchtitan takes its turns among the others, so machine noise hits it alike.
@@ -343,6 +362,8 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         out["first_loss_abs_diff"] = delta
         out["first_loss_tolerance"] = LOSS_TOL_AUTOCAST if dev.type == "cuda" else LOSS_TOL
         out["first_loss_match"] = delta <= out["first_loss_tolerance"]
+        out["ratios"] = {r["name"]: r["tokens_per_s"] / ref["tokens_per_s"] for r in results
+                         if r["name"].startswith("dsv3")}
     if titan_info is not None:
         if titan is not None:
             titan_info.update(titan.summary(tokens_per_step))
@@ -479,6 +500,8 @@ def format_bench_train(r: dict) -> str:
         f"tokens/step, {r['precision']}, AdamW, {r['steps']} timed steps after {r['warmup']} warmup",
         f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['threads']} threads, torch {m['torch']}, "
         f"transformers {m.get('transformers')}, {m['date']}",
+        "dsv3 lines compute the loss as `dsv3 train` does (fused, chunked head + cross-entropy) unless "
+        "marked [plain-ce]",
         "",
         f"  {'implementation':<40} {'median s':>9} {'mean s':>9} {'tokens/s':>10} {'first loss':>11}",
     ]
@@ -493,6 +516,8 @@ def format_bench_train(r: dict) -> str:
     if "ratio" in r:
         ok = "same model" if r["first_loss_match"] else "MISMATCH: not the same model?"
         lines.append(f"  ratio ours / {r['reference_transformers']}: {r['ratio']:.2f}x (tokens/s, medians)")
+        for other, ratio in list(r.get("ratios", {}).items())[1:]:
+            lines.append(f"  ratio {other} / {r['reference_transformers']}: {ratio:.2f}x")
         if r["fastest_transformers"] != r["reference_transformers"]:
             lines.append(f"  ratio ours / fastest ({r['fastest_transformers']}): "
                          f"{r['ratio_vs_fastest_transformers']:.2f}x")
