@@ -90,11 +90,36 @@ def test_cuda_graphs_equal_eager_on_gpu(model, dtype):
     import copy
     m = copy.deepcopy(model).to("cuda", dtype)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    eager = _run_staggered(LLM(m, block_size=16, max_model_len=128, cuda_graphs=False), greedy)
-    llm = LLM(m, block_size=16, max_model_len=128)
+    eager = _run_staggered(LLM(m, block_size=16, max_model_len=128), greedy)
+    llm = LLM(m, block_size=16, max_model_len=128, cuda_graphs=True)
     graphed = _run_staggered(llm, greedy)
     assert llm.runner.graphs is not None
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 9:
         assert llm.runner.graphs.graphs, "bf16 on sm90+ (grouped-GEMM experts) must be capturable"
     same = sum(a == b for a, b in zip(eager, graphed))
     assert same == len(eager) if dtype == torch.float32 else same >= len(eager) - 1   # bf16: near-ties may flip
+
+
+def test_decode_step_bytes_counts_the_parameters_a_step_touches(tiny_config):
+    """The roofline's bytes per step against a count over the model's actual tensors."""
+    import dsv3
+    from dsv3.bench.decode import decode_step_bytes
+
+    cfg = tiny_config()
+    m = dsv3.Transformer(cfg)
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    used = 0.0
+    for name, p in m.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if name == "embed_tokens.weight":
+            used += cfg.hidden_size                     # one row per token
+        elif ".experts." in name:
+            used += p.numel() * k / E                   # k of the E stacked experts
+        else:
+            used += p.numel()
+    got = decode_step_bytes(cfg, batch=1, mean_context=10, dtype_bytes=2)
+    assert got["weights"] == pytest.approx(2 * used)
+    assert got["cache"] == 2 * 10 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    # More sequences use more distinct experts, never more than all of them.
+    assert decode_step_bytes(cfg, 8, 10, 2)["experts_per_moe_layer"] <= E

@@ -379,3 +379,180 @@ def format_bench_decode(r: dict) -> str:
     for name, err in r.get("errors", {}).items():
         lines.append(f"  {name}: failed: {err}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- roofline
+# Peak memory bandwidth (bytes/s) from vendor datasheets, matched against the device name.
+DATASHEET_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+                       ("A100-SXM4-80GB", 2.039e12), ("A100-SXM4-40GB", 1.555e12), ("A100-PCIE", 1.935e12),
+                       ("L40S", 0.864e12), ("A10", 0.6e12))
+# Per copy in the bandwidth probe: large enough to leave every cache behind.
+BANDWIDTH_PROBE_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
+
+
+def random_model(preset_name: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A ``preset`` model with random weights, built directly in ``dtype`` on ``device`` (no checkpoint)."""
+    from ..config import preset
+    from ..model import Transformer
+
+    cfg = preset(preset_name)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def measure_bandwidth(device: torch.device, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from large tensor copies (read + write counted)."""
+    n = BANDWIDTH_PROBE_BYTES.get(device.type, 1 << 28) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * 4 * n * repeats / (time.perf_counter() - t0)
+
+
+def datasheet_bandwidth(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((bw for key, bw in DATASHEET_BANDWIDTH if key in name), None)
+
+
+def decode_step_bytes(config, batch: int, mean_context: float, dtype_bytes: int) -> dict:
+    """Bytes a decode step must move at least: every weight it uses once, plus the latent cache it reads.
+
+    Weights: everything but the routed experts and the embedding table, plus the routed experts the
+    step uses (at batch 1 exactly ``num_experts_per_tok`` per MoE layer; above, the expected number of
+    distinct experts under uniform routing, ``E (1 - (1 - k/E)^B)``) and ``batch`` embedding rows.
+    Cache: ``batch * mean_context`` positions of ``kv_lora_rank + qk_rope_head_dim`` values per layer.
+    """
+    from ..accounting import param_counts
+
+    p = param_counts(config)
+    E, k = config.n_routed_experts, config.num_experts_per_tok
+    distinct = E * (1 - (1 - k / E) ** batch) if E else 0.0
+    weights = (p["total"] - p["embedding"] - p["moe_routed_experts"]
+               + p["moe_layers"] * distinct * p["routed_expert"] + batch * config.hidden_size)
+    cache = batch * mean_context * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    return {"weights": weights * dtype_bytes, "cache": cache * dtype_bytes,
+            "total": (weights + cache) * dtype_bytes, "experts_per_moe_layer": distinct}
+
+
+def bench_decode_roofline(preset_name: str = "v2-lite", dtype: str = "bfloat16", batch: int = 1,
+                          prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, seed: int = 0,
+                          device: str | torch.device | None = None, threads: int | None = None) -> dict:
+    """Decode speed of a random ``preset`` model against the memory-bandwidth roofline.
+
+    Times our engine eagerly and, on CUDA, with CUDA graphs: each round generates ``gen_len`` tokens
+    and, separately, 1 token (prefill only); the decode step time is their difference over
+    ``gen_len - 1``. Fraction of the roofline = (bytes per step / step time) / bandwidth, for the
+    measured copy bandwidth and, when the GPU is known, its datasheet peak.
+    """
+    if batch < 1 or prompt_len < 1 or gen_len < 2 or repeats < 1:
+        raise ValueError(f"need batch, prompt_len, repeats >= 1 and gen_len >= 2, got batch={batch}, "
+                         f"prompt_len={prompt_len}, gen_len={gen_len}, repeats={repeats}")
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"--dtype must be a floating torch dtype name (bfloat16, float16, float32), got {dtype!r}")
+    from ..config import PRESETS
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    dev = resolve_device(device)
+    with torch_threads(threads):
+        return _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev)
+
+
+def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev) -> dict:
+    from ..engine import LLM, SamplingParams
+
+    model = random_model(preset_name, dt, dev, seed)
+    cfg = model.config
+    prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed)
+    kwargs = dict(max_num_seqs=batch, max_model_len=prompt_len + gen_len + 1, prefix_caching=False,
+                  max_num_batched_tokens=max(1024, batch * prompt_len))
+    engines = {"eager": LLM(model, **kwargs)}
+    if dev.type == "cuda":
+        engines["cuda_graphs"] = LLM(model, cuda_graphs=True, **kwargs)
+
+    def timed(llm, n: int) -> tuple[float, list]:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        _sync(dev)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        _sync(dev)
+        return time.perf_counter() - t0, [o.token_ids for o in outs]
+
+    for llm in engines.values():                      # warmup: kernels compile, graphs get captured
+        timed(llm, min(gen_len, WARMUP_TOKENS))
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    tokens: dict[str, list] = {}
+    for r in range(repeats):
+        order = list(engines.items())
+        order = order[r % len(order):] + order[: r % len(order)]
+        for name, llm in order:
+            full, tokens[name] = timed(llm, gen_len)
+            prefill, _ = timed(llm, 1)
+            steps[name].append(max(full - prefill, 1e-9) / (gen_len - 1))
+
+    elsize = torch.empty(0, dtype=dt).element_size()
+    need = decode_step_bytes(cfg, batch, prompt_len + gen_len / 2, elsize)
+    bw = measure_bandwidth(dev)
+    gpu_name, sheet = datasheet_bandwidth(dev)
+    results = []
+    for name, times in steps.items():
+        step = statistics.median(times)
+        achieved = need["total"] / step
+        results.append({"name": name, "step_ms_median": 1000 * step, "step_ms_all": [1000 * t for t in times],
+                        "tokens_per_s": batch / step, "achieved_bytes_per_s": achieved,
+                        "fraction_of_measured_bandwidth": achieved / bw,
+                        "fraction_of_datasheet_bandwidth": achieved / sheet if sheet else None})
+    out = {
+        "benchmark": "decode_roofline",
+        "preset": preset_name, "dtype": str(dt).removeprefix("torch."), "random_weights": True,
+        "params": model.num_params(include_mtp=False), "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+        "repeats": repeats, "machine": machine_info(torch.get_num_threads(), dev), "device_name": gpu_name,
+        "bytes_per_step": need, "measured_bandwidth_bytes_per_s": bw, "datasheet_bandwidth_bytes_per_s": sheet,
+        "results": results,
+    }
+    if "cuda_graphs" in tokens:
+        graphs = engines["cuda_graphs"].runner.graphs
+        out["cuda_graphs_captured"] = sorted(graphs.graphs) if graphs is not None else []
+        out["cuda_graphs_speedup"] = results[0]["step_ms_median"] / results[1]["step_ms_median"]
+        out["cuda_graphs_tokens_equal_eager"] = tokens["cuda_graphs"] == tokens["eager"]
+    return out
+
+
+def format_bench_roofline(r: dict) -> str:
+    """A human table of :func:`bench_decode_roofline`'s result."""
+    b = r["bytes_per_step"]
+    sheet = r["datasheet_bandwidth_bytes_per_s"]
+    lines = [
+        f"decode roofline: random {r['preset']} ({r['params'] / 1e9:.2f}B params) in {r['dtype']}, batch {r['batch']}, "
+        f"prompt {r['prompt_len']} + {r['gen_len']} new tokens; device {r['device_name']}, {r['machine']['date']}",
+        f"bytes per decode step: weights {b['weights'] / 1e9:.3f} GB ({b['experts_per_moe_layer']:.1f} routed experts "
+        f"per MoE layer) + latent cache {b['cache'] / 1e6:.2f} MB = {b['total'] / 1e9:.3f} GB",
+        f"bandwidth: measured copy {r['measured_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s"
+        + (f", datasheet {sheet / 1e9:,.0f} GB/s" if sheet else ""),
+        "",
+        f"  {'engine':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'of measured':>12} {'of datasheet':>13}",
+    ]
+    for x in r["results"]:
+        ds = x["fraction_of_datasheet_bandwidth"]
+        lines.append(f"  {x['name']:<14} {x['step_ms_median']:>9.3f} {x['tokens_per_s']:>10,.1f} "
+                     f"{x['achieved_bytes_per_s'] / 1e9:>8,.1f} {100 * x['fraction_of_measured_bandwidth']:>11.1f}% "
+                     + (f"{100 * ds:>12.1f}%" if ds else f"{'n/a':>13}"))
+    if "cuda_graphs_speedup" in r:
+        lines.append("")
+        lines.append(f"  CUDA graphs: {r['cuda_graphs_speedup']:.2f}x eager (buckets captured: {r['cuda_graphs_captured']}); "
+                     f"greedy tokens {'equal' if r['cuda_graphs_tokens_equal_eager'] else 'DIFFER from'} eager")
+    return "\n".join(lines)

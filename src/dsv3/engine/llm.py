@@ -48,7 +48,7 @@ class LLM:
                  device: str | torch.device | None = None, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
-                 num_speculative_tokens: int = 1, cuda_graphs: bool | None = None):
+                 num_speculative_tokens: int = 1, cuda_graphs: bool = False):
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
@@ -69,8 +69,9 @@ class LLM:
                                       self.model.embed_tokens.weight.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
-        # Decode steps replay CUDA graphs (static shapes, one per batch bucket); default: on CUDA.
-        if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
+        # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
+        # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
+        if cuda_graphs:
             from .cuda_graph import CUDAGraphDecoder
             self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
                                                   capture=self.device.type == "cuda")
