@@ -173,6 +173,7 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                    help="keep the teacher's top-K log-probs per token for KL distillation (0: text only)")
     p.add_argument("--samples-per-prompt", type=positive_int, default=1, help="answers per prompt")
+    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut by --max-tokens (default: drop them)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (and of --task problems)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
 
@@ -191,7 +192,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
             convs = [p.messages() for p in problems(load_task(args.task), args.num, args.seed)]
         s = distill(args.teacher, convs, args.out, thinking=args.think, max_new_tokens=args.max_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_logprobs=args.top_logprobs,
-                    samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device)
+                    samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
+                    keep_truncated=args.keep_truncated)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(f"distill: {s['written']} records -> {s['out']} ({s['prompts']} prompts, {s['completion_tokens']:,} "

@@ -15,7 +15,8 @@ its top-K log-probabilities (the engine's raw ``log_softmax`` of the logits, bef
 
 ``dsv3 sft`` then trains on exactly those tokens and adds a KL term toward the teacher's top-K
 distribution (:func:`dsv3.post.sft.topk_kl`); that needs the student to share the teacher's tokenizer,
-which the fingerprint checks. Completions cut by ``--max-tokens`` are dropped (counted in the summary).
+which the fingerprint checks. Completions cut by ``--max-tokens`` are dropped (counted in the summary)
+unless ``keep_truncated``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def reply_message(text: str, thinking: bool) -> dict:
 def distill(teacher: str | Path, conversations: list[list[dict]], out: str | Path, *, thinking: bool = False,
             max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0, top_logprobs: int = 0,
             samples_per_prompt: int = 1, seed: int = 0, device: str | None = None,
-            max_num_seqs: int = 32) -> dict:
+            max_num_seqs: int = 32, keep_truncated: bool = False) -> dict:
     """Answer every conversation with ``teacher`` and write chat JSONL records to ``out``.
 
     Returns ``{"out", "prompts", "written", "dropped_truncated", "completion_tokens"}``.
@@ -107,7 +108,7 @@ def distill(teacher: str | Path, conversations: list[list[dict]], out: str | Pat
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for i, o in zip(jobs, outs):
-            if o.finish_reason != "stop":
+            if o.finish_reason != "stop" and not keep_truncated:
                 dropped += 1
                 continue
             text = completion_text(tokenizer, o.token_ids)
