@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...model.moe import MoE, RoutedExperts
+from .dist import DistributedError
 
 
 class _AllToAll(torch.autograd.Function):
@@ -138,10 +139,14 @@ def apply_expert_parallel(model: nn.Module, group=None) -> int:
     before FSDP. Returns the number of MoE layers converted.
     """
     n = 0
-    for module in model.modules():
-        if isinstance(module, MoE) and isinstance(module.experts, RoutedExperts):
-            module.experts = ExpertParallelExperts.from_experts(module.experts, group)
-            n += 1
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        if type(module.experts) is not RoutedExperts:  # e.g. FP8 training experts: their GEMMs would be lost
+            raise DistributedError(f"{name}.experts is a {type(module.experts).__name__}; expert parallelism "
+                                   "shards plain RoutedExperts only (use --ep 1 with --fp8)")
+        module.experts = ExpertParallelExperts.from_experts(module.experts, group)
+        n += 1
     return n
 
 

@@ -74,6 +74,8 @@ def parallelize(model: nn.Module, ctx: DistContext, ep: int = 1, mixed_precision
     in place: expert parallelism over groups of ``ep`` ranks, then FSDP2 over all ranks.
 
     ``mixed_precision``: bf16 compute with fp32 reduction (default: on for CUDA, off on CPU).
+    ``reshard_after_forward``: free each block's gathered weights after its forward (re-gather them
+    for backward); False trades memory for one all-gather less per block.
     """
     W = ctx.world_size
     check_ep(model.config, W, ep)
@@ -105,7 +107,9 @@ def parallelize(model: nn.Module, ctx: DistContext, ep: int = 1, mixed_precision
         if moe is not None and mixed_precision:
             fully_shard(moe.gate, mesh=dp_mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root (embedding, head, final norm, MTP glue) stays gathered between forward and backward:
+    # the head is the last thing forward uses and the first backward needs.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     return plan
 
 
