@@ -167,12 +167,12 @@ def fp8_gemm_triton(a, a_scale, b, b_scale, tile: int = DEFAULT_TILE, bn: int = 
 
 # --------------------------------------------------------------------------------------------- dispatch
 _FAST = {"scaled_mm": fp8_gemm_scaled_mm, "triton": fp8_gemm_triton}
-_verdicts: dict[tuple[str, int, int], bool] = {}   # (backend, tile, bn) -> passed its self-check
+_verdicts: dict[tuple, bool] = {}   # (backend, tile, bn, out_dtype) -> passed its self-check
 
 
-def _self_check(name: str, tile: int, bn: int, device: torch.device) -> bool:
+def _self_check(name: str, tile: int, bn: int, out_dtype: torch.dtype, device: torch.device) -> bool:
     """Run ``name`` once on a random problem with partial edges and compare it with the reference."""
-    key = (name, tile, bn)
+    key = (name, tile, bn, out_dtype)
     if key not in _verdicts:
         from ..fp8 import quantize_blockwise, quantize_tiles
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -181,7 +181,7 @@ def _self_check(name: str, tile: int, bn: int, device: torch.device) -> bool:
         w = torch.randn(N, K, generator=g).to(device)
         b, sb = quantize_blockwise(w, (bn, tile)) if bn > 1 else quantize_tiles(w, tile)
         try:
-            got = _FAST[name](a, sa, b, sb, tile, bn, out_dtype=torch.float32)
+            got = _FAST[name](a, sa, b, sb, tile, bn, out_dtype=out_dtype).float()
             ref = fp8_gemm_reference(a, sa, b, sb, tile, bn)
             ok = bool(((got - ref).norm() / ref.norm()) < SELF_CHECK_RTOL)
         except Exception:  # not supported by this torch / GPU / driver: fall through to the next one
@@ -190,12 +190,13 @@ def _self_check(name: str, tile: int, bn: int, device: torch.device) -> bool:
     return _verdicts[key]
 
 
-def select_backend(device: torch.device, tile: int = DEFAULT_TILE, bn: int = 128) -> str:
+def select_backend(device: torch.device, tile: int = DEFAULT_TILE, bn: int = 128,
+                   out_dtype: torch.dtype = torch.bfloat16) -> str:
     """The backend ``auto`` picks on ``device``: a fast one that passed its check, else ``reference``."""
     if torch.device(device).type != "cuda":
         return "reference"
     for name in _FAST:
-        if _self_check(name, tile, bn, torch.device(device)):
+        if _self_check(name, tile, bn, out_dtype, torch.device(device)):
             return name
     return "reference"
 
@@ -212,7 +213,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
     if backend == "auto":
-        backend = select_backend(a.device, tile, bn)
+        backend = select_backend(a.device, tile, bn, out_dtype)
     if backend == "reference":
         return fp8_gemm_reference(a, a_scale, b, b_scale, tile, bn, out_dtype)
     if a.device.type != "cuda":
