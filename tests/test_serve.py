@@ -90,8 +90,9 @@ def _wait(proc, base: str) -> str:
 def launched(model_dir):
     """Both servers start together (their start-up is mostly imports; overlapping them saves time)."""
     main = _launch(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
-    # API key from the environment, one sequence at a time, a queue of one.
-    small = _launch(model_dir, "--max-queue", "1", "--max-num-seqs", "1", env={"DSV3_API_KEY": API_KEY})
+    # API key from the environment, one sequence at a time, a queue of one, thinking by default.
+    small = _launch(model_dir, "--max-queue", "1", "--max-num-seqs", "1", "--reasoning",
+                    env={"DSV3_API_KEY": API_KEY})
     yield main, small
     for proc, _ in (main, small):
         proc.terminate()
@@ -177,6 +178,19 @@ def test_completions_n_seed_logprobs(client, llm):
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1 and a.usage.completion_tokens > 3
+
+
+def test_stop_and_penalties_match_engine(client, llm):
+    prompt = [llm.tokenizer.bos_id] + llm.tokenizer.encode("the engine")
+    free = _expected(llm, [prompt], 12)[0].text
+    stop = next(ch for ch in free[1:] if ch.isascii() and ch.isprintable())   # the greedy reply contains it
+    exp = _expected(llm, [prompt], 12, stop=(stop,))[0]
+    r = client.completions.create(model="tiny", prompt="the engine", max_tokens=12, temperature=0, stop=stop)
+    assert r.choices[0].text == exp.text == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
+    exp = _expected(llm, [prompt], 12, presence_penalty=1.5, frequency_penalty=1.0)[0]
+    r = client.completions.create(model="tiny", prompt="the engine", max_tokens=12, temperature=0,
+                                  presence_penalty=1.5, frequency_penalty=1.0)
+    assert r.choices[0].text == exp.text
 
 
 def test_fim_suffix_uses_psm(client, llm):
@@ -367,6 +381,14 @@ def test_api_key_required(small_server, model_dir):
         bad.chat.completions.create(model=os.path.basename(model_dir), messages=[{"role": "user", "content": "x"}])
     good = openai.OpenAI(base_url=small_server + "/v1", api_key=API_KEY, max_retries=0)
     assert good.models.list().data[0].id == os.path.basename(model_dir)
+    # --reasoning: thinking mode unless the request says otherwise.
+    msg = good.chat.completions.create(model=os.path.basename(model_dir), messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=3, temperature=0).choices[0].message
+    assert isinstance(msg.reasoning_content, str)
+    msg = good.chat.completions.create(model=os.path.basename(model_dir), messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=3, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"thinking": False}}).choices[0].message
+    assert getattr(msg, "reasoning_content", None) is None
 
 
 def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):

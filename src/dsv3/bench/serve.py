@@ -256,6 +256,6 @@ def format_bench_serve(r: dict) -> str:
                          f"{x['requests_per_s']:>7.2f} {x['ttft_ms_p50']:>7.0f}ms {x['ttft_ms_p99']:>7.0f}ms "
                          f"{x['latency_ms_p50']:>6.0f}ms")
     for x in r.get("ratio", []):
-        lines.append(f"ratio at concurrency {x['concurrency']}: tokens/s ours/peer {x['tokens_per_s_ours_over_peer']:.2f}x,"
-                     f" TTFT p50 peer/ours {x['ttft_p50_peer_over_ours']:.2f}x")
+        lines.append(f"ratio at concurrency {x['concurrency']}: tokens/s ours/peer "
+                     f"{x['tokens_per_s_ours_over_peer']:.2f}x, TTFT p50 peer/ours {x['ttft_p50_peer_over_ours']:.2f}x")
     return "\n".join(lines)

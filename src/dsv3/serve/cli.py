@@ -22,7 +22,8 @@ def add_parsers(subparsers, bench, experiment) -> None:
                                 "/health, /metrics (Prometheus). All requests share one engine (continuous "
                                 "batching). Binds 127.0.0.1 unless --host says otherwise.")
     p.add_argument("--model", metavar="DIR", required=True,
-                   help="checkpoint directory: config.json, safetensors weights and (unless --tokenizer) tokenizer.json")
+                   help="checkpoint directory: config.json, safetensors weights and (unless --tokenizer) "
+                        "tokenizer.json")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="directory (or file) of the tokenizer.json (default: the model directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")

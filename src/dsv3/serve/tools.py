@@ -184,7 +184,7 @@ class ChatOutputParser:
         hits = [content.find(s) for s in self.stop if s in content]
         if hits:
             content, stopped = content[: min(hits)], True
-        elif not final and self._hold and not (self.thinking and not sep):
+        elif not final and self._hold:
             content = content[: max(0, len(content) - self._hold)]   # might be the start of a stop string
         return reasoning, content, calls, stopped
 
