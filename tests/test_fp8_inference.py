@@ -222,3 +222,8 @@ def test_engine_runs_an_fp8_model_unchanged(tmp_path):
         for _ in range(6):
             ids.append(int(model(torch.tensor([ids]), absorb=True)[0, -1].argmax()))
     assert out.token_ids == ids[len(prompt):]
+    # from the checkpoint path, weights kept in FP8
+    llm = dsv3.LLM(tmp_path, block_size=4, keep_fp8=True)
+    assert llm.model.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
+    again = llm.generate([prompt], dsv3.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert again.token_ids == out.token_ids

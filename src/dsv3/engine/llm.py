@@ -48,12 +48,13 @@ class LLM:
                  device: str | torch.device | None = None, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
-                 num_speculative_tokens: int = 1, cuda_graphs: bool = False):
+                 num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False):
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
             from ..checkpoint import load_pretrained
-            self.model = load_pretrained(model, dtype=dtype or "float32", device=device)
+            # keep_fp8: FP8 checkpoint weights stay float8_e4m3fn + scales (dsv3.quant), half of bf16
+            self.model = load_pretrained(model, dtype=dtype or "float32", device=device, keep_fp8=keep_fp8)
             if tokenizer is None and (Path(model) / "tokenizer.json").exists():
                 from ..tokenizer import Tokenizer
                 tokenizer = Tokenizer.load(model)
