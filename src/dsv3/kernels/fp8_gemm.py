@@ -80,6 +80,7 @@ def fp8_gemm_scaled_mm(a, a_scale, b, b_scale, tile: int = DEFAULT_TILE, bn: int
     M, N, K, C = _check(a, a_scale, b, b_scale, tile, bn)
     if tile != 128 or bn not in (1, 128):
         raise ValueError(f"scaled_mm supports 1x128 and 128x128 scales only, got tile={tile}, bn={bn}")
+    a, b = a.contiguous(), b.contiguous()   # cuBLAS: A row-major, B (passed as B^T) column-major
     Kp = C * 128
     if Kp != K:
         a = torch.nn.functional.pad(a.view(torch.uint8), (0, Kp - K)).view(FP8_DTYPE)
