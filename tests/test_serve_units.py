@@ -232,3 +232,22 @@ def test_request_validation_names_the_field():
         check_tools([{"type": "function", "function": {"name": "bad name"}}])
     with pytest.raises(APIError, match="not in tools"):
         tool_choice_of({"type": "function", "function": {"name": "other"}}, check_tools(TOOLS))
+
+
+# ------------------------------------------------------------------------------------ CLI and bench helpers
+def test_serve_cli_user_errors(tmp_path, capsys):
+    from dsv3.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "no such model directory" in capsys.readouterr().err
+
+
+def test_bench_percentile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    from dsv3.bench.serve import _percentile
+    rng = random.Random(1)
+    for n in (1, 2, 7, 64):
+        xs = [rng.random() for _ in range(n)]
+        for q in (0, 50, 90, 99, 100):
+            assert _percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert _percentile([], 50) is None
