@@ -107,12 +107,14 @@ _INTERPRETED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_kernels_mla import _setup, _absorb, R
     from dsv3.kernels.mla_decode import mla_decode_reference, mla_decode_triton
-    for block_size, ctx, splits in [(4, [1, 7, 40], 3), (16, [33, 5], 1), (1, [19], 4)]:
+    # int32 and int64 metadata (the engine passes int64 context lengths: positions + 1)
+    for block_size, ctx, splits, itype in [(4, [1, 7, 40], 3, torch.int32), (16, [33, 5], 1, torch.int64),
+                                           (1, [19], 4, torch.int64)]:
         kv, tables, bt, q_nope, q_pe, w = _setup(ctx, block_size)
         q, _ = _absorb(q_nope, q_pe, w)
-        q, kv = q.float(), kv.float()
-        ref = mla_decode_reference(q, kv, bt, torch.tensor(ctx, dtype=torch.int32), 0.25, R, block_size)
-        got = mla_decode_triton(q, kv, bt, torch.tensor(ctx, dtype=torch.int32), 0.25, R, block_size, splits)
+        q, kv, bt = q.float(), kv.float(), bt.to(itype)
+        ref = mla_decode_reference(q, kv, bt, torch.tensor(ctx, dtype=itype), 0.25, R, block_size)
+        got = mla_decode_triton(q, kv, bt, torch.tensor(ctx, dtype=itype), 0.25, R, block_size, splits)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     print("ok")
 """)
