@@ -149,17 +149,25 @@ def test_chat_matches_engine_streamed_or_not(client, llm):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the engine"}]
     ids = llm.tokenizer.render_chat(messages, add_generation_prompt=True)
     user = llm.tokenizer.token_id("<｜User｜>")
-    exp = _expected(llm, [ids], 12, stop_token_ids=(user,))[0]
-    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    exp = _expected(llm, [ids], 12, stop_token_ids=(user,), logprobs=2)[0]
+    kw = dict(model="tiny", messages=messages, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kw)
     text = llm.tokenizer.decode([t for t in exp.token_ids if t not in llm.tokenizer.special_ids])
     assert r.choices[0].message.content == text
     assert r.choices[0].finish_reason == exp.finish_reason
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(exp.token_ids)
-    stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12,
-                                            stream=True, stream_options={"include_usage": True})
+    lps = r.choices[0].logprobs.content
+    assert [e.logprob for e in lps] == pytest.approx(exp.logprobs, abs=1e-4)
+    assert [t.logprob for e in lps for t in e.top_logprobs] == \
+        pytest.approx([v for top in exp.top_logprobs for _, v in top], abs=1e-4)
+    assert [len(e.top_logprobs) for e in lps] == [2] * len(lps)
+    stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    streamed_lps = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content]
+    assert streamed_lps == pytest.approx(exp.logprobs, abs=1e-4)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == exp.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
 
@@ -389,6 +397,8 @@ def test_api_key_required(small_server, model_dir):
                                        max_tokens=3, temperature=0,
                                        extra_body={"chat_template_kwargs": {"thinking": False}}).choices[0].message
     assert getattr(msg, "reasoning_content", None) is None
+    with pytest.raises(openai.BadRequestError, match="queue holds 1"):      # n=2 can never fit a queue of 1
+        good.completions.create(model=os.path.basename(model_dir), prompt="x", max_tokens=2, n=2)
 
 
 def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):

@@ -210,6 +210,8 @@ class _Server:
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except ValueError as e:          # more sequences (n x prompts) than the queue can ever hold
+            raise APIError(400, str(e), param="n") from None
         self.metrics.prompt_tokens.inc(sum(len(g.prompt_ids) for g in gens))
 
     async def deltas(self, gens: list[Generation], out: asyncio.Queue, request: Request

@@ -100,6 +100,8 @@ class EngineLoop:
 
     def submit(self, gens: list[Generation]) -> None:
         """Queue the generations of one request, all or none (``QueueFull``)."""
+        if len(gens) > self.max_pending:
+            raise ValueError(f"the request needs {len(gens)} sequences, the server's queue holds {self.max_pending}")
         with self._lock:
             if self._pending + len(gens) > self.max_pending:
                 self.metrics.rejected.inc()
