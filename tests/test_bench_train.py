@@ -44,6 +44,8 @@ def test_bench_train_same_model_and_fields():
     assert all(v["max_abs_diff"] <= 1e-4 for v in r["logit_check"].values())
     # The fused head (ours) and full logits + F.cross_entropy (plain-ce, transformers) give the same loss.
     assert abs(r["results"][2]["first_loss"] - r["first_loss_transformers"]) <= 1e-4
+    assert list(r["first_loss_abs_diff_by_impl"]) == ["dsv3", "dsv3[plain-ce]"]
+    assert max(r["first_loss_abs_diff_by_impl"].values()) <= 1e-4
     # MTP adds lambda * CE_mtp to the same main loss, so it is strictly larger.
     assert r["results"][3]["first_loss"] > r["first_loss_ours"]
     json.dumps(r)                                              # JSON-ready

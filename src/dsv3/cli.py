@@ -278,6 +278,9 @@ def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None
     p.add_argument("--fp8-block", type=positive_int, default=d.fp8_block,
                    help="FP8 tile/block size (1xB activation tiles, BxB weight blocks)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the attention, norms, MLPs and routers (train/compile.py): faster steps "
+                        "after a one-off compile (about a minute on CPU; needs a C++ compiler)")
     p.add_argument("--no-fused-ce", dest="fused_ce", action="store_false",
                    help="compute the training loss from full [batch, seq, vocab] logits instead of the fused, "
                         "chunked head + cross-entropy (same loss; slower, more memory)")

@@ -364,6 +364,9 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         out["first_loss_match"] = delta <= out["first_loss_tolerance"]
         out["ratios"] = {r["name"]: r["tokens_per_s"] / ref["tokens_per_s"] for r in results
                          if r["name"].startswith("dsv3")}
+        # Every line of ours without MTP is the same model as transformers': its first loss must agree too.
+        out["first_loss_abs_diff_by_impl"] = {r["name"]: abs(r["first_loss"] - ref["first_loss"]) for r in results
+                                              if r["name"].startswith("dsv3") and not r.get("mtp_depth")}
     if titan_info is not None:
         if titan is not None:
             titan_info.update(titan.summary(tokens_per_step))
@@ -522,6 +525,8 @@ def format_bench_train(r: dict) -> str:
             lines.append(f"  ratio ours / fastest ({r['fastest_transformers']}): "
                          f"{r['ratio_vs_fastest_transformers']:.2f}x")
         lines.append(f"  first-step loss |ours - transformers| = {r['first_loss_abs_diff']:.2e} ({ok})")
+        for other, diff in list(r.get("first_loss_abs_diff_by_impl", {}).items())[1:]:
+            lines.append(f"  first-step loss |{other} - transformers| = {diff:.2e}")
     for k, v in r.get("errors", {}).items():
         lines.append(f"  {k}: failed: {v}")
     if tt:

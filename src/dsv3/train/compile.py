@@ -16,7 +16,8 @@ returns the modules to eager (e.g. before generating with a cache, whose shapes 
 
 from __future__ import annotations
 
-import torch
+import shutil
+
 from torch import nn
 
 from ..model.mla import MLA
@@ -34,11 +35,14 @@ def compile_model(model: nn.Module, **compile_kwargs) -> list[str]:
     Modules inside an already compiled one (e.g. MLA's own norms) are left to the outer graph.
     """
     kwargs = {"dynamic": False, **compile_kwargs}
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise RuntimeError("compile_model: inductor needs a C++ compiler (g++, c++ or clang++) on PATH for CPU kernels")
     done: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, COMPILED_TYPES):
             continue
-        if any(name.startswith(d + ".") for d in done):
+        if any(d == "" or name.startswith(d + ".") for d in done):     # "" is the model itself
             continue
         module.compile(**kwargs)
         done.append(name)
@@ -58,16 +62,3 @@ def uncompile_model(model: nn.Module) -> None:
 def is_compiled(model: nn.Module) -> bool:
     """Whether any module of ``model`` runs a compiled forward."""
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-
-
-def compile_available() -> tuple[bool, str]:
-    """Whether inductor can build kernels here (a C++ compiler on CPU); ``(ok, reason)``."""
-    try:
-        from torch._inductor import cpp_builder  # noqa: F401
-        import shutil
-        cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    except Exception as e:  # noqa: BLE001 - any import problem means "not here"
-        return False, f"torch inductor unavailable: {e}"
-    if cxx is None and not torch.cuda.is_available():
-        return False, "no C++ compiler (g++/c++/clang++) on PATH for inductor's CPU kernels"
-    return True, "ok"

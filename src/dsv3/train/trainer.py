@@ -76,6 +76,7 @@ class TrainConfig:
     fp8_block: int = 128                   # FP8 tile/block size (1 x b activations, b x b weights)
     ep: int = 1                            # expert-parallel size under torchrun (train/parallel/); 1: FSDP2 only
     fused_ce: bool = True                  # head + cross-entropy chunk by chunk (kernels/linear_cross_entropy.py)
+    compile: bool = False                  # torch.compile attention, norms, MLPs, routers (train/compile.py)
 
     @property
     def out_dir(self) -> Path:
@@ -315,6 +316,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         start = state["step"]
         batches.load_state_dict(state["data"])
         log(f"resumed from {ckpt} at step {start}")
+    if cfg.compile:  # from outside the model; compiles during the first steps
+        if cfg.fp8 or dp is not None:
+            raise TrainError("--compile is supported in a single process without --fp8")
+        from .compile import compile_model
+        compile_model(model)
     model.train()
     metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None) if main else dp.null_log()
     routers = balance.routers(model)
@@ -409,6 +415,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         "maxvio_global": last_eval.get("maxvio_global"), "mtp_top1_acc": last_eval.get("mtp_top1_acc"),
         "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
     }
+    if cfg.compile:  # generation's cache and shapes change every step: eager is the right tool there
+        from .compile import uncompile_model
+        uncompile_model(model)
     if cfg.sample_tokens:
         from ..sample import generate
         prompt_text = "def "
