@@ -132,9 +132,9 @@ class EngineLoop:
                 return
             try:
                 gen.seq = self.llm.add_request(gen.prompt_ids, gen.params)
-            except ValueError as e:            # the HTTP side checks limits first; this is the backstop
+            except Exception as e:             # the HTTP side checks inputs first; this keeps the thread alive
                 self._release()
-                self._send(gen, Delta([], [], [], "error", str(e)))
+                self._send(gen, Delta([], [], [], "error", f"{type(e).__name__}: {e}"))
                 return
             self._live[gen.seq.seq_id] = gen
         elif kind == "abort":

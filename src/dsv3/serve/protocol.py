@@ -52,7 +52,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1 - MAX_N)   # torch generators take 64-bit seeds
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)                         # vLLM extension
