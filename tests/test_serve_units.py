@@ -251,3 +251,18 @@ def test_bench_percentile_matches_numpy():
         for q in (0, 50, 90, 99, 100):
             assert _percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
     assert _percentile([], 50) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_json_constraint_on_cuda(llm, tok):
+    cuda = LLM(llm.model.to("cuda"), tokenizer=tok, max_model_len=512, max_num_seqs=2)
+    try:
+        backend = GrammarBackend(tok, cuda.config.vocab_size)
+        params = SamplingParams(temperature=1.0, seed=0, max_tokens=150,
+                                logits_processors=[backend.json_constraint(ITEM_SCHEMA)])
+        out = cuda.generate([[tok.bos_id, 40, 41]], params)
+        assert out[0].finish_reason == "stop"
+        Item.model_validate(json.loads(tok.decode(out[0].token_ids[:-1])))
+    finally:
+        llm.model.to("cpu")

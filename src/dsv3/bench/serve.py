@@ -176,7 +176,7 @@ def _run_levels(base: str, model: str, prompts: list[str], levels: list[tuple[in
 
 def bench_serve(model_dir: str, concurrency: list[int] = (1, 8, 32), requests: int | None = None,
                 prompt_len: int = 32, gen_len: int = 32, threads: int | None = None, peer: str = "transformers",
-                peer_timeout: int = 180, seed: int = 0) -> dict:
+                peer_timeout: int = 180, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> dict:
     """Run the load levels against ``dsv3 serve`` (and ``transformers serve``); the JSON-able result."""
     import torch
 
@@ -185,12 +185,14 @@ def bench_serve(model_dir: str, concurrency: list[int] = (1, 8, 32), requests: i
     prompts = _prompts(model_dir, max(n for _, n in levels) + WARMUP_REQUESTS, prompt_len, seed)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     result = {"model": model_dir, "prompt_len_tokens": prompt_len, "gen_len": gen_len, "endpoint": "/v1/completions",
-              "stream": True, "machine": machine_info(threads, torch.device("cpu")), "levels": concurrency}
+              "stream": True, "machine": machine_info(threads, torch.device(device)), "levels": concurrency,
+              "dtype": dtype}
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     ours = _Process([sys.executable, "-m", "dsv3", "serve", "--model", model_dir, "--port", str(port),
-                     "--threads", str(threads), "--max-num-seqs", str(max(concurrency)),
+                     "--threads", str(threads), "--max-num-seqs", str(max(concurrency)), "--device", device,
+                     "--dtype", dtype,
                      "--max-queue", str(4 * max(concurrency) + 8), "--served-model-name", "bench"], env)
     try:
         error = ours.wait_healthy(base, 180)
@@ -202,7 +204,7 @@ def bench_serve(model_dir: str, concurrency: list[int] = (1, 8, 32), requests: i
         ours.stop()
 
     if peer == "transformers":
-        result["peer"] = _bench_transformers(model_dir, prompts, levels, gen_len, threads, peer_timeout, env)
+        result["peer"] = _bench_transformers(model_dir, prompts, levels, gen_len, peer_timeout, env, device, dtype)
         if result["peer"].get("results"):
             result["ratio"] = [
                 {"concurrency": o["concurrency"],
@@ -213,16 +215,17 @@ def bench_serve(model_dir: str, concurrency: list[int] = (1, 8, 32), requests: i
     return result
 
 
-def _bench_transformers(model_dir, prompts, levels, gen_len, threads, timeout, env) -> dict:
+def _bench_transformers(model_dir, prompts, levels, gen_len, timeout, env, device, dtype) -> dict:
     try:
         import transformers
     except ImportError as e:
         return {"name": "transformers serve", "error": f"transformers is not installed: {e}"}
-    shim = importlib.util.find_spec("accelerate") is None
+    # The shim only helps a CPU run; on a GPU without accelerate the peer fails and says why.
+    shim = importlib.util.find_spec("accelerate") is None and device == "cpu"
     launch = ("transformers serve with from_pretrained's device_map check skipped for CPU (accelerate is not "
               "installed; transformers serve always passes device_map)") if shim else "transformers serve"
     out = {"name": "transformers serve", "version": transformers.__version__, "launch": launch,
-           "flags": ["--device", "cpu", "--dtype", "float32"]}
+           "flags": ["--device", device, "--dtype", dtype]}
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = _Process([sys.executable, "-c", _TRANSFORMERS_LAUNCHER.format(shim=shim), os.path.abspath(model_dir),

@@ -51,6 +51,8 @@ def add_parsers(subparsers, bench, experiment) -> None:
     p.add_argument("--num-speculative-tokens", type=positive_int, default=1, metavar="K",
                    help="draft tokens per step with --speculative")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weight and latent-cache dtype")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's random stream (unseeded requests)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -72,6 +74,8 @@ def add_parsers(subparsers, bench, experiment) -> None:
     b.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
     b.add_argument("--gen-len", type=positive_int, default=32, help="generated tokens per request")
     b.add_argument("--threads", type=positive_int, default=None, help="torch threads of each server")
+    b.add_argument("--device", default="cpu", help="torch device of both servers (e.g. cuda)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of both servers")
     b.add_argument("--peer", choices=["transformers", "none"], default="transformers",
                    help="also measure `transformers serve` on the same checkpoint")
     b.add_argument("--peer-timeout", type=positive_int, default=180,
@@ -111,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens} \
         if args.speculative else {}
     try:
-        llm = LLM(args.model, tokenizer=tokenizer, device=args.device, max_num_seqs=args.max_num_seqs,
+        llm = LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                   num_blocks=args.num_blocks, seed=args.seed, **spec)
     except ValueError as e:
@@ -133,7 +137,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--model {args.model}: no such model directory")
     result = bench_serve(args.model, concurrency=args.concurrency, requests=args.requests,
                          prompt_len=args.prompt_len, gen_len=args.gen_len, threads=args.threads, peer=args.peer,
-                         peer_timeout=args.peer_timeout, seed=args.seed)
+                         peer_timeout=args.peer_timeout, seed=args.seed, device=args.device, dtype=args.dtype)
     print(format_bench_serve(result))
     if args.json:
         _write_json(args.json, result)

@@ -217,13 +217,14 @@ class _Constraint:
 
     def _grammar_mask(self, logits: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        out = logits.float().clone().unsqueeze(0)                        # [1, V]
+        # Masked on the CPU, where xgrammar's bitmask and our tables live (one [V] copy per token on a GPU).
+        out = logits.float().cpu().clone().unsqueeze(0)                  # [1, V]
         self.backend._xgr.apply_token_bitmask_inplace(out, self.bitmask)
         banned = control | self.backend.special_mask | (self.backend.utf8_next[self.utf8] < 0)
         banned[self.stop_id] = self.utf8 != 0                            # end only on a whole character
-        masked = out[0].masked_fill(banned.to(out.device), float("-inf"))
+        masked = out[0].masked_fill(banned, float("-inf"))
         # Our extra bans must never leave nothing to sample; the grammar's own mask always leaves something.
-        return masked if bool(torch.isfinite(masked).any()) else out[0]
+        return (masked if bool(torch.isfinite(masked).any()) else out[0]).to(logits.device)
 
     def _grammar_accept(self, tok: int) -> None:
         if not self.matcher.accept_token(tok):
