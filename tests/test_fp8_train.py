@@ -169,3 +169,13 @@ def test_train_fp8_runs_saves_bf16_moments_and_resumes_exactly(corpus, tmp_path)
     resumed = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()
                if "kind" not in json.loads(ln)]
     assert resumed == losses
+
+
+def test_cli_flags_reach_the_train_config(capsys):
+    from dsv3.cli import build_parser, train_config_from_args
+    args = build_parser().parse_args(["train", "--fp8", "--fp8-block", "32"])
+    cfg = train_config_from_args(args)
+    assert cfg.fp8 is True and cfg.fp8_block == 32
+    assert train_config_from_args(build_parser().parse_args(["train"])).fp8 is False
+    exp = build_parser().parse_args(["experiment", "fp8"])
+    assert exp.max_steps == 60 and exp.func.__name__ == "cmd_experiment_fp8"
