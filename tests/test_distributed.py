@@ -5,6 +5,8 @@ every distributed check in one process group:
   - expert-parallel dispatch/combine equals the single-device experts, forward and backward, for
     skewed routings (experts with zero tokens, a rank that sends nothing to the other, a rank with
     no tokens at all);
+  - the GPU configuration (bf16 mixed-precision policy, fp32 routers, EP) runs and gives a
+    bf16-level loss;
   - a 2-rank FSDP2-only run and a 2-rank FSDP2 + EP run (node-limited routing, n_group = EP ranks)
     log the same losses as the single-process run (same global batch and seed) within 1e-5, and all
     ranks hold identical selection biases after every update;
@@ -111,6 +113,33 @@ def _check_expert_parallel(rank: int) -> None:
             torch.testing.assert_close(got, full[ep.first:ep.first + ep.n_local], rtol=0, atol=1e-12)
 
 
+def _check_mixed_precision_path(rank: int) -> None:
+    """The GPU configuration (bf16 FSDP2 policy, fp32 routers, EP) runs here too: bf16-level loss."""
+    import torch.distributed as dist
+    from dsv3 import Transformer
+    from dsv3.train.parallel.dist import init_distributed
+    from dsv3.train.parallel.parallelize import clip_grad_norm, parallelize
+    from dsv3.train.trainer import compute_losses
+    cfg = tiny_config(n_group=2, topk_group=1)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ctx = init_distributed("cpu")
+    parallelize(model, ctx, ep=2, mixed_precision=True)
+    window = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    tc = TrainConfig()
+    expected = float(compute_losses(ref, window, tc)["loss"])
+    loss = compute_losses(model, window[2 * rank: 2 * rank + 2], tc)["loss"]
+    loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    assert abs(float(mean) / 2 - expected) < 2e-3, (float(mean) / 2, expected)   # bf16 weights; 1e-4 seen
+    assert torch.isfinite(torch.tensor(clip_grad_norm(model, 1.0, ctx)))
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32     # fp32 master weights, sharded
+    assert model.layers[1].mlp.experts.gate_proj.grad.dtype == torch.float32
+
+
 def _train_recording_biases(cfg: TrainConfig, resume: bool = False) -> list[torch.Tensor]:
     """Run the trainer; return every selection bias right after each aux-loss-free update."""
     from dsv3.train import balance
@@ -135,6 +164,7 @@ def _worker(rank: int, port: int, cache: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         _check_expert_parallel(rank)
+        _check_mixed_precision_path(rank)
         cache_p, tmp_p = Path(cache), Path(tmp)
         runs = {"fsdp": run_config(cache_p, tmp_p / "fsdp"),
                 "ep": run_config(cache_p, tmp_p / "ep", ep=2)}

@@ -88,10 +88,13 @@ def parallelize(model: nn.Module, ctx: DistContext, ep: int = 1, mixed_precision
 
     if mixed_precision:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # experts: bf16 weights, but their fp32 gate weights (an input) must not be cast down
+        experts_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
     else:
-        mp = fp32 = MixedPrecisionPolicy()
+        mp = experts_mp = fp32 = MixedPrecisionPolicy()
     if ep > 1:
         apply_expert_parallel(model, plan.ep_group)
 
@@ -99,7 +102,7 @@ def parallelize(model: nn.Module, ctx: DistContext, ep: int = 1, mixed_precision
         moe = block.mlp if isinstance(block.mlp, MoE) else None
         if moe is not None and isinstance(moe.experts, ExpertParallelExperts):
             rep_mesh = ep_mesh["ep_rep"]
-            fully_shard(moe.experts, mesh=rep_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(moe.experts, mesh=rep_mesh, mp_policy=experts_mp, reshard_after_forward=reshard_after_forward)
             # summed over the EP group by the all-to-all backward; FSDP sums over the replicas: / W overall
             moe.experts.set_gradient_divide_factor(float(W))
             if rep_mesh.size() > 1 and "gloo" in ctx.backend:
