@@ -10,7 +10,10 @@ in the same process:
   plain         the single-device model, exactly the single-process trainer path;
   fsdp2-1gpu    the same model after ``parallelize()`` on a 1-rank NCCL group: FSDP2 with the bf16
                 mixed-precision policy, global grad-norm clip and all-reduced expert counts, i.e. the
-                code path of every rank of a multi-GPU run, minus the communication (one rank);
+                code path of every rank of a multi-GPU run, minus the communication (one rank).
+                The trainer's fused head + cross-entropy reads ``lm_head.weight`` directly, which a
+                sharded root doesn't allow, so this line computes full logits + F.cross_entropy:
+                the ratio to ``plain`` includes that difference;
   transformers  the peer: ``dsv3 bench train``'s step of transformers' DeepseekV3ForCausalLM on the
                 same shape without MTP, beside ours without MTP (its own ratio).
 
