@@ -9,7 +9,7 @@ path untouched. With ``WORLD_SIZE > 1`` it joins the job and then:
 - expert counts are summed over all ranks before the aux-loss-free bias update, so every rank
   applies the same update (biases stay identical); the sequence-wise balance loss is per sequence
   and each sequence lives on one rank, so sharding does not change it. (The classic batch-wise
-  aux loss, ``--aux-loss-alpha``, is computed per rank's micro-batch, as in DeepSeek-V2.)
+  aux loss, ``--aux-loss-alpha``, is computed over each rank's own slice of the micro-batch.)
 - logged losses are averaged over ranks; the gradient norm is global; a step is skipped on every
   rank when any rank saw a non-finite loss.
 - rank 0 alone writes metrics, plots and checkpoints (gathered to the single-process layout).
