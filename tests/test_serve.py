@@ -128,11 +128,12 @@ def _expected(llm, prompts: list[list[int]], max_tokens: int, **kw) -> list:
 
 
 def _metrics(base: str, headers: dict | None = None) -> dict[str, float]:
+    """Prometheus text -> {"name" or "name{labels}": value}."""
     text = httpx.get(base + "/metrics", headers=headers or {}).text
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.split()
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
 
@@ -140,6 +141,9 @@ def _metrics(base: str, headers: dict | None = None) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ basics
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     m = _metrics(server)
     assert "dsv3_queue_depth" in m and "dsv3_cache_usage" in m and "dsv3_generation_tokens_per_second" in m
@@ -377,8 +381,15 @@ def test_64_concurrent_streams(server, llm):
         finally:
             await client.close()
 
+    before = _metrics(server)
     texts = asyncio.run(run())
     assert texts == [e.text for e in expected]
+    after = _metrics(server)
+    key = 'dsv3_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[key] - before.get(key, 0) == 64
+    generated = sum(len(e.token_ids) for e in expected)
+    assert after["dsv3_generation_tokens_total"] - before["dsv3_generation_tokens_total"] == generated
+    assert after["dsv3_time_to_first_token_seconds_count"] - before["dsv3_time_to_first_token_seconds_count"] == 64
 
 
 # ------------------------------------------------------------------------------------ key, overload, disconnect
@@ -426,5 +437,14 @@ def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):
         time.sleep(0.1)
     assert m["dsv3_pending_sequences"] == 0 and m["dsv3_cache_blocks_used"] == 0
     assert m["dsv3_aborted_sequences_total"] == 1 and m["dsv3_running_sequences"] == 0
+    # A non-streaming client that gives up is noticed too (the server polls the connection).
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(small_server + "/v1/completions", headers=auth, timeout=1.0,
+                   json={"model": name, "prompt": "the", "max_tokens": 400, "ignore_eos": True})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _metrics(small_server, auth)["dsv3_aborted_sequences_total"] < 2:
+        time.sleep(0.1)
+    m = _metrics(small_server, auth)
+    assert m["dsv3_aborted_sequences_total"] == 2 and m["dsv3_cache_blocks_used"] == 0
     # The server takes work again.
     assert client.completions.create(model=name, prompt="x", max_tokens=2).choices[0].finish_reason

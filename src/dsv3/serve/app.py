@@ -87,21 +87,9 @@ def create_app(llm, model_name: str, *, api_key: str | None = None, max_pending:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key is not None and path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                metrics.requests.labels(path, "401").inc()
-                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                               "authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
-        known = path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-        metrics.requests.labels(path if known else "other", str(response.status_code)).inc()
-        return response
+    # A plain ASGI middleware (not @app.middleware): it leaves `receive` alone, so handlers still see
+    # the client's disconnect, and it counts streamed responses once they are over.
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -134,6 +122,41 @@ def create_app(llm, model_name: str, *, api_key: str | None = None, max_pending:
         return await server.completions(req, request)
 
     return app
+
+
+class _AuthAndCount:
+    """Checks ``Authorization: Bearer <key>`` (every path but /health) and counts requests by status."""
+
+    KNOWN = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self.KNOWN else "other"
+        if self.api_key is not None and path != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                self.metrics.requests.labels(endpoint, "401").inc()
+                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               "authentication_error", code="invalid_api_key")
+                response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -219,13 +242,17 @@ class _Server:
         """Deltas of all ``gens`` until each has finished; aborts them all if the client leaves."""
         open_ = len(gens)
         done = False
+        checked = time.monotonic()
         try:
             while open_:
+                # Tokens may arrive every few ms for ever (ignore_eos): look at the connection by the clock.
+                if time.monotonic() - checked > DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise ClientGone()
                 try:
                     tag, delta = await asyncio.wait_for(out.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ClientGone() from None
                     continue
                 if delta.finish_reason is not None:
                     open_ -= 1
