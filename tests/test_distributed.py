@@ -20,7 +20,6 @@ import dataclasses
 import inspect
 import json
 import shutil
-import socket
 import traceback
 from pathlib import Path
 
@@ -158,10 +157,11 @@ def _train_recording_biases(cfg: TrainConfig, resume: bool = False) -> list[torc
     return seen
 
 
-def _worker(rank: int, port: int, cache: str, tmp: str) -> None:
+def _worker(rank: int, cache: str, tmp: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a file rendezvous: no port to pick (and race for) on a shared CI machine
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
         _check_expert_parallel(rank)
         _check_mixed_precision_path(rank)
@@ -181,12 +181,6 @@ def _worker(rank: int, port: int, cache: str, tmp: str) -> None:
         raise
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- tests
@@ -249,7 +243,7 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
     train(ref)
     shutil.copytree(tmp_path / "single", tmp_path / "resume2", ignore=shutil.ignore_patterns("final"))
 
-    mp.spawn(_worker, args=(_free_port(), str(cache), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(cache), str(tmp_path)), nprocs=WORLD, join=True)
 
     ref_loss, ref_val, ref_norm = losses(tmp_path / "single")
     assert len(ref_loss) == STEPS
