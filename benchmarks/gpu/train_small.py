@@ -20,7 +20,7 @@ in the same process:
 MFU = tokens/s x training FLOPs/token (``dsv3.accounting.flops_per_token``: 3 x forward, active
 weights only, attention over the full context -- the PaLM / nanochat convention -- MTP included when
 the step runs it) / the GPU's dense bf16 peak (H100 SXM / H200: 989 TFLOP/s, H100 PCIe: 756).
-Takes about 2-3 minutes on an H100.
+Meant to finish well under 5 minutes on an H100 (written without a GPU: not run yet).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main() -> int:
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "train_small.json"), "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, default=str)
 
     print(f"\nsmall preset, batch {BATCH} x {SEQ} tokens, bf16 autocast, {gpu}, torch {torch.__version__}")
     print(f"{'run':<32} {'tokens/s':>10} {'MFU':>7} {'ms/step':>8} {'peak GiB':>9}")
