@@ -266,3 +266,26 @@ def test_json_constraint_on_cuda(llm, tok):
         Item.model_validate(json.loads(tok.decode(out[0].token_ids[:-1])))
     finally:
         llm.model.to("cpu")
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_unbounded_schemas_still_finish_within_max_tokens(llm, grammar, tok, thinking):
+    """No maxLength anywhere: a random model would write strings for ever; the budget steering ends them."""
+    schema = {"type": "object", "properties": {"text": {"type": "string"}, "more": {"type": "array",
+              "items": {"type": "string"}}}, "required": ["text", "more"]}
+    tools = [{"type": "function", "function": {"name": "note", "parameters": schema}}]
+    prompt = tok.render_chat([{"role": "user", "content": "go"}], thinking=thinking, tools=tools)
+    for seed in range(2):
+        c = grammar.json_constraint(schema, thinking, max_tokens=90)
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=90,
+                                                    logits_processors=[c]))[0]
+        text = tok.decode(out.token_ids[:-1])
+        assert out.finish_reason == "stop", text
+        assert set(json.loads(text.split(THINK_END)[-1])) == {"text", "more"}
+        c = grammar.tool_constraint(tools, parallel=True, thinking=thinking, max_tokens=120)
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, seed=seed, max_tokens=120,
+                                                    logits_processors=[c]))[0]
+        text = tok.decode(out.token_ids)
+        assert out.finish_reason == "stop", text
+        _, calls = parse_tool_calls(text.split(THINK_END)[-1])
+        assert calls and all(set(json.loads(x["arguments"])) == {"text", "more"} for x in calls)

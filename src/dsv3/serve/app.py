@@ -289,10 +289,11 @@ class _Server:
 
         def processors() -> list:       # constraints hold per-sequence state: one set per choice
             if fmt is not None:
-                return [self.grammar.json_constraint(fmt or None, thinking)] if fmt != "text" else []
+                return [self.grammar.json_constraint(fmt or None, thinking, max_tokens)] if fmt != "text" else []
             if choice == "required" or isinstance(choice, dict):
                 offered = [choice["tool"]] if isinstance(choice, dict) else tools
-                return [self.grammar.tool_constraint(offered, req.parallel_tool_calls, thinking)]
+                return [self.grammar.tool_constraint(offered, req.parallel_tool_calls, thinking,
+                                                     max_tokens=max_tokens)]
             if choice == "none" and tools:
                 return [BanTokens([self.tok.token_id("<｜tool▁calls▁begin｜>")])]
             return []

@@ -25,7 +25,10 @@ control characters are masked out (xgrammar's string rule lets some of them thro
 With thinking on, the reply first runs free up to ``</think>`` (EOS and tool markers masked) and
 the constraint applies from there.
 
-Generation can still be cut by ``max_tokens`` (``finish_reason: "length"``), as with OpenAI.
+Given the request's ``max_tokens``, the last :data:`FINISH_MARGIN_TOKENS` tokens steer towards the
+end (end the segment when allowed, prefer closing tokens), so an output with unbounded strings still
+completes; only a budget below the margin (or a schema whose shortest valid text is longer) can cut
+it (``finish_reason: "length"``), as with OpenAI.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ _CONTROL_BYTES = frozenset(range(0x20))
 # Calls in one forced tool-call block, at most (with parallel calls on): a random model would
 # otherwise keep opening new calls until max_tokens and the block would never close.
 MAX_TOOL_CALLS = 8
+# When a request's max_tokens is known, this many tokens before it the constraint steers towards the
+# end: the grammar segment ends as soon as it may, closing tokens (" } ]) are preferred, reasoning and
+# further tool calls are closed. Enough for the forced tail of a tool block (fences and markers, ~6
+# tokens) plus a closer per nesting level, so even a random model finishes inside max_tokens.
+FINISH_MARGIN_TOKENS = 32
+_CLOSER_BYTES = frozenset(b"}]")
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
 
 # UTF-8 as an automaton over bytes, so a grammar segment can refuse tokens that would make the text
@@ -130,6 +140,17 @@ class GrammarBackend:
             bad[i] = bool(ctrl - {0x0A})
         self.control_mask, self.control_mask_keep_newline = bad_nl, bad
         self.utf8_next = _utf8_table(pieces, self.vocab_size)
+        # For the end of a budget: tokens that close a string (" then only } or ]), and tokens made only
+        # of } and ] (close arrays and objects).
+        self.pieces = pieces
+        self.close_string_mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.close_struct_mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for i in range(tok.vocab_size):
+            piece = pieces[i]
+            if not piece or i in tok.special_ids:
+                continue
+            self.close_string_mask[i] = piece[0] == _QUOTE and _CLOSER_BYTES.issuperset(piece[1:])
+            self.close_struct_mask[i] = _CLOSER_BYTES.issuperset(piece)
         # Special ids and the model's padding ids past the tokenizer. xgrammar sees them as empty
         # strings, and an empty string fits anywhere, so a grammar segment bans them itself (all but
         # the one id that ends the segment).
@@ -150,7 +171,8 @@ class GrammarBackend:
             return hit
 
     # -------------------------------------------------------------------------------- factories
-    def json_constraint(self, schema: dict | None, thinking: bool = False) -> "JSONConstraint":
+    def json_constraint(self, schema: dict | None, thinking: bool = False,
+                        max_tokens: int | None = None) -> "JSONConstraint":
         """A constraint for one JSON value: any object (``schema=None``) or one valid under ``schema``."""
         key = "json:" + (json.dumps(schema, sort_keys=True) if schema is not None else "object")
 
@@ -167,10 +189,10 @@ class GrammarBackend:
                                param="response_format") from None
 
         compiled = self._compiled(key, build)
-        return JSONConstraint(self, compiled, thinking)
+        return JSONConstraint(self, compiled, thinking, max_tokens)
 
     def tool_constraint(self, tools: list[dict], parallel: bool, thinking: bool = False,
-                        max_calls: int = MAX_TOOL_CALLS) -> "ToolCallConstraint":
+                        max_calls: int = MAX_TOOL_CALLS, max_tokens: int | None = None) -> "ToolCallConstraint":
         """A constraint forcing a tool-call block that calls functions of ``tools`` with valid arguments."""
         key = "tools:" + json.dumps([t["function"] for t in tools], sort_keys=True)
 
@@ -192,14 +214,22 @@ class GrammarBackend:
             return compiler.compile_grammar(grammar)
 
         compiled = self._compiled(key, build)
-        return ToolCallConstraint(self, compiled, max_calls if parallel else 1, thinking)
+        # Tokens a call needs besides its arguments: markers, "function", name and fences, EOS.
+        tok = self.tokenizer
+        fixed = 5 + len(tok.encode("function")) + len(tok.encode("\n```")) + max(
+            len(tok.encode(f"{t['function']['name']}\n```json\n")) for t in tools)
+        return ToolCallConstraint(self, compiled, max_calls if parallel else 1, thinking, max_tokens,
+                                  reserve=FINISH_MARGIN_TOKENS + fixed)
 
 
 class _Constraint:
     """Shared machinery: catch up on generated ids, then mask. Subclasses define the token program."""
 
-    def __init__(self, backend: GrammarBackend, thinking: bool):
-        self.backend = backend
+    def __init__(self, backend: GrammarBackend, thinking: bool, max_tokens: int | None = None,
+                 reserve: int = FINISH_MARGIN_TOKENS):
+        self.backend, self.max_tokens, self.reserve = backend, max_tokens, reserve
+        self.finishing = False             # within FINISH_MARGIN_TOKENS of max_tokens: end the segment
+        self.closing = False               # within `reserve`: open nothing new (reasoning, another call)
         self.tok = backend.tokenizer
         self.in_thinking = thinking
         self.seen = 0
@@ -212,6 +242,7 @@ class _Constraint:
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=[stop_id])
         self.stop_id = stop_id
         self.utf8 = 0                      # UTF-8 automaton state of the text the matcher accepted
+        self.in_string = self.escaped = False      # JSON lexical state, for closing at the end of a budget
         if self.bitmask is None:
             self.bitmask = xgr.allocate_token_bitmask(1, self.backend.vocab_size)
 
@@ -223,14 +254,32 @@ class _Constraint:
         banned = control | self.backend.special_mask | (self.backend.utf8_next[self.utf8] < 0)
         banned[self.stop_id] = self.utf8 != 0                            # end only on a whole character
         masked = out[0].masked_fill(banned, float("-inf"))
-        # Our extra bans must never leave nothing to sample; the grammar's own mask always leaves something.
-        return (masked if bool(torch.isfinite(masked).any()) else out[0]).to(logits.device)
+        allowed = torch.isfinite(masked)
+        if not bool(allowed.any()):
+            # Our extra bans must never leave nothing to sample; the grammar's own mask always leaves something.
+            return out[0].to(logits.device)
+        if self.finishing:
+            if allowed[self.stop_id]:
+                allowed = torch.zeros_like(allowed).index_fill(0, torch.tensor([self.stop_id]), True)
+            else:
+                closers = self.backend.close_string_mask if self.in_string else self.backend.close_struct_mask
+                if bool((allowed & closers).any()):
+                    allowed = allowed & closers
+            masked = masked.masked_fill(~allowed, float("-inf"))
+        return masked.to(logits.device)
 
     def _grammar_accept(self, tok: int) -> None:
         if not self.matcher.accept_token(tok):
             self.failed = True
         if tok < self.backend.vocab_size and tok != self.stop_id:
             self.utf8 = max(0, int(self.backend.utf8_next[self.utf8, tok]))
+            for byte in self.backend.pieces[tok]:
+                if self.escaped:
+                    self.escaped = False
+                elif self.in_string and byte == _BACKSLASH:
+                    self.escaped = True
+                elif byte == _QUOTE:
+                    self.in_string = not self.in_string
 
     @staticmethod
     def _only(logits: torch.Tensor, allowed: list[int]) -> torch.Tensor:
@@ -257,7 +306,12 @@ class _Constraint:
             if not self._accept_thinking(tok):
                 self.accept(tok)
         self.seen = len(output_ids)
+        if self.max_tokens is not None:
+            left = self.max_tokens - len(output_ids)
+            self.finishing, self.closing = left <= FINISH_MARGIN_TOKENS, left <= self.reserve
         if self.in_thinking:
+            if self.closing:                   # time to stop reasoning: the answer needs `reserve` tokens
+                return self._only(logits, [self.tok.token_id(THINK_END)])
             return self._thinking_mask(logits)
         return self.mask(logits)
 
@@ -271,8 +325,8 @@ class _Constraint:
 class JSONConstraint(_Constraint):
     """One compact JSON value from the compiled grammar, then EOS."""
 
-    def __init__(self, backend: GrammarBackend, compiled, thinking: bool = False):
-        super().__init__(backend, thinking)
+    def __init__(self, backend: GrammarBackend, compiled, thinking: bool = False, max_tokens: int | None = None):
+        super().__init__(backend, thinking, max_tokens)
         self._new_matcher(compiled, self.tok.eos_id)
 
     def accept(self, tok: int) -> None:
@@ -287,8 +341,9 @@ class JSONConstraint(_Constraint):
 class ToolCallConstraint(_Constraint):
     """The V3 tool-call block: forced markers around grammar-matched ``NAME\\n```json\\nARGS\\n````."""
 
-    def __init__(self, backend: GrammarBackend, compiled, max_calls: int = 1, thinking: bool = False):
-        super().__init__(backend, thinking)
+    def __init__(self, backend: GrammarBackend, compiled, max_calls: int = 1, thinking: bool = False,
+                 max_tokens: int | None = None, reserve: int = FINISH_MARGIN_TOKENS):
+        super().__init__(backend, thinking, max_tokens, reserve)
         self.compiled, self.max_calls, self.calls = compiled, max_calls, 0
         t = self.tok
         self.calls_begin, self.call_begin = t.token_id(TOOL_CALLS_BEGIN), t.token_id(TOOL_CALL_BEGIN)
@@ -329,7 +384,7 @@ class ToolCallConstraint(_Constraint):
         if self.forced:
             return self._only(logits, [self.forced[0]])
         if self.choosing:
-            more = self.calls < self.max_calls
+            more = self.calls < self.max_calls and not self.closing
             return self._only(logits, [self.call_begin, self.calls_end] if more else [self.calls_end])
         if self.matcher is not None:
             return self._grammar_mask(logits, self.backend.control_mask_keep_newline)
