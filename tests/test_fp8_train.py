@@ -179,3 +179,24 @@ def test_cli_flags_reach_the_train_config(capsys):
     assert train_config_from_args(build_parser().parse_args(["train"])).fp8 is False
     exp = build_parser().parse_args(["experiment", "fp8"])
     assert exp.max_steps == 60 and exp.func.__name__ == "cmd_experiment_fp8"
+
+
+def test_experiment_summary_from_two_runs(tmp_path):
+    from dsv3.train.experiment_fp8 import SMOOTH, format_report, summarize_fp8_experiment
+    base = [10.0 - 0.1 * i for i in range(30)]
+    f8 = [v * (1.002 if i % 2 else 0.999) for i, v in enumerate(base)]
+    for arm, losses, val in (("baseline", base, 5.0), ("fp8", f8, 5.01)):
+        (tmp_path / arm).mkdir()
+        lines = [json.dumps({"step": i + 1, "loss": v, "tokens_per_s": 100.0}) for i, v in enumerate(losses)]
+        lines.append(json.dumps({"kind": "eval", "step": 30, "val_loss": val}))
+        (tmp_path / arm / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    r = summarize_fp8_experiment(tmp_path, 128, "fp32")
+    rel = [abs(f - b) / b for b, f in zip(base, f8)]
+    assert r["rel_err_per_step_mean"] == pytest.approx(sum(rel) / 30)
+    assert r["rel_err_per_step_max"] == pytest.approx(0.002)
+    assert r["rel_diff_signed_mean"] == pytest.approx(sum((f - b) / b for b, f in zip(base, f8)) / 30)
+    # a 10-step moving average of both curves, compared at the last step (full window)
+    mb, mf = sum(base[-SMOOTH:]) / SMOOTH, sum(f8[-SMOOTH:]) / SMOOTH
+    assert r["rel_err_smoothed_max_after_window"] >= abs(mf - mb) / mb
+    assert r["rel_err_val_loss"] == pytest.approx(0.002)
+    assert (tmp_path / "fp8.png").stat().st_size > 0 and "paper" in format_report(r)

@@ -32,44 +32,57 @@ def _moving_average(xs: list[float], w: int) -> list[float]:
     return out
 
 
-def _losses(run: Path) -> list[float]:
+def _records(run: Path) -> tuple[list[dict], list[dict]]:
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r["loss"] for r in recs if "kind" not in r]
+    return [r for r in recs if "kind" not in r], [r for r in recs if r.get("kind") == "eval"]
 
 
 def run_fp8_experiment(base: TrainConfig, out: str | Path, log=print) -> dict:
     """Train both arms under ``out/<arm>`` on one shared tokenizer/dataset; write table, JSON and plot."""
     out = Path(out)
     on_gpu = (base.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    arms = {"baseline": False, "fp8": True}
-    summaries = {}
-    for arm, use_fp8 in arms.items():
+    for arm, use_fp8 in (("baseline", False), ("fp8", True)):
         cfg = dataclasses.replace(base, out=str(out / arm), cache_dir=str(out / "shared"), sample_tokens=0,
                                   save_every=0, fp8=use_fp8)
         log(f"== {arm} ({'FP8 GEMMs' if use_fp8 else 'bf16 autocast' if on_gpu else 'fp32'})")
-        summaries[arm] = train(cfg, log=log)
-    base_l, fp8_l = _losses(out / "baseline"), _losses(out / "fp8")
+        train(cfg, log=log)
+    return summarize_fp8_experiment(out, base.fp8_block, "bf16 autocast" if on_gpu else "fp32")
+
+
+def summarize_fp8_experiment(out: str | Path, fp8_block: int, baseline_precision: str) -> dict:
+    """Compare the two finished runs in ``out``; writes ``fp8_results.{json,md}`` and ``fp8.png``."""
+    out = Path(out)
+    (base_steps, base_evals), (fp8_steps, fp8_evals) = _records(out / "baseline"), _records(out / "fp8")
+    base_l, fp8_l = [r["loss"] for r in base_steps], [r["loss"] for r in fp8_steps]
     n = min(len(base_l), len(fp8_l))
-    rel = [abs(f - b) / b for b, f in zip(base_l[:n], fp8_l[:n])]
+    if n == 0:
+        raise ValueError(f"{out}: no training steps to compare")
+    signed = [(f - b) / b for b, f in zip(base_l[:n], fp8_l[:n])]
+    rel = [abs(v) for v in signed]
     sb, sf = _moving_average(base_l[:n], SMOOTH), _moving_average(fp8_l[:n], SMOOTH)
     rel_smooth = [abs(f - b) / b for b, f in zip(sb, sf)]
-    vb, vf = summaries["baseline"]["val_loss"], summaries["fp8"]["val_loss"]
+    vb, vf = base_evals[-1]["val_loss"], fp8_evals[-1]["val_loss"]
+
+    def tps(steps):
+        last = [r["tokens_per_s"] for r in steps[-20:]]
+        return sum(last) / len(last)
+
     result = {
-        "steps": n, "baseline_precision": "bf16 autocast" if on_gpu else "fp32",
-        "fp8_block": base.fp8_block, "smooth_window": SMOOTH,
+        "steps": n, "baseline_precision": baseline_precision, "fp8_block": fp8_block, "smooth_window": SMOOTH,
         "rel_err_per_step_mean": sum(rel) / n, "rel_err_per_step_max": max(rel),
+        # signed: > 0 where FP8's loss is higher; near 0 means the curves wander, not that FP8 is worse
+        "rel_diff_signed_mean": sum(signed) / n,
         "rel_err_smoothed_mean": sum(rel_smooth) / n, "rel_err_smoothed_max": max(rel_smooth),
         # after the first SMOOTH steps the window is full
         "rel_err_smoothed_max_after_window": max(rel_smooth[SMOOTH:], default=None),
         "val_loss_baseline": vb, "val_loss_fp8": vf, "rel_err_val_loss": abs(vf - vb) / vb,
         "final_loss_baseline": base_l[n - 1], "final_loss_fp8": fp8_l[n - 1],
-        "tokens_per_s_baseline": summaries["baseline"]["tokens_per_s"],
-        "tokens_per_s_fp8": summaries["fp8"]["tokens_per_s"],
+        "tokens_per_s_baseline": tps(base_steps), "tokens_per_s_fp8": tps(fp8_steps),
         "paper_rel_err": PAPER_REL_ERR,
     }
     (out / "fp8_results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "fp8_results.md").write_text(format_report(result) + "\n")
-    plot_fp8(out / "fp8.png", base_l[:n], fp8_l[:n], rel, rel_smooth, result["baseline_precision"])
+    plot_fp8(out / "fp8.png", base_l[:n], fp8_l[:n], rel, rel_smooth, baseline_precision)
     return result
 
 
@@ -82,6 +95,7 @@ def format_report(r: dict) -> str:
         f"| relative loss error, smoothed over {r['smooth_window']} steps: mean | {pct(r['rel_err_smoothed_mean'])} |",
         f"| relative loss error, smoothed: max (full windows) | {pct(r['rel_err_smoothed_max_after_window'])} |",
         f"| relative loss error per step: mean / max | {pct(r['rel_err_per_step_mean'])} / {pct(r['rel_err_per_step_max'])} |",
+        f"| signed mean (FP8 - baseline) / baseline per step | {pct(r['rel_diff_signed_mean'])} |",
         f"| final val loss: baseline / fp8 (relative error) | {r['val_loss_baseline']:.4f} / {r['val_loss_fp8']:.4f} "
         f"({pct(r['rel_err_val_loss'])}) |",
         f"| tokens/s: baseline / fp8 | {r['tokens_per_s_baseline']:,.0f} / {r['tokens_per_s_fp8']:,.0f} |",
