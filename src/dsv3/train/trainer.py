@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             metrics.write(last_eval)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
             save(f"checkpoint-{done}", done)
-            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
+            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)] if main else []:
                 shutil.rmtree(old, ignore_errors=True)
         progress.update(rec, last_eval)
     progress.close()
