@@ -87,3 +87,33 @@ def test_gpu_fast_path_matches_reference(backend, M, N, K, bn):
         rel = float((got.float() - ref).norm() / ref.norm())
         assert rel < tol, (out_dtype, rel)
     assert G.select_backend(torch.device("cuda"), 128, bn) in ("scaled_mm", "triton")
+
+
+_INTERPRETED = """
+import torch
+from dsv3 import fp8
+from dsv3.kernels import fp8_gemm as G
+torch.manual_seed(0)
+worst = 0.0
+for M, N, K, tile, bn in [(50, 200, 300, 128, 128), (20, 37, 70, 16, 1), (33, 48, 80, 16, 16)]:
+    a, sa = fp8.quantize_tiles(torch.randn(M, K) * torch.logspace(-2, 1, K), tile)
+    w = torch.randn(N, K)
+    b, sb = fp8.quantize_blockwise(w, (bn, tile)) if bn > 1 else fp8.quantize_tiles(w, tile)
+    ref = G.fp8_gemm_reference(a, sa, b, sb, tile, bn)
+    got = G.fp8_gemm_triton(a, sa, b, sb, tile, bn, out_dtype=torch.float32, block_m=16, block_n=32)
+    worst = max(worst, float((got - ref).norm() / ref.norm()))
+print(worst)
+"""
+
+
+def test_triton_kernel_in_the_interpreter_matches_reference():
+    """The Triton kernel's indexing (partial edges, bn = 1, 16, 128) checked on CPU with TRITON_INTERPRET=1
+    (a fresh process: Triton reads the switch when it is imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-6
