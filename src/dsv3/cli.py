@@ -681,6 +681,9 @@ def add_bench_parser(subparsers):
                    help="instead of --model: a random-weight preset model (e.g. v2-lite); times our engine eagerly "
                         "and with CUDA graphs and reports the memory-bandwidth roofline fraction (no transformers)")
     d.add_argument("--dtype", default="bfloat16", help="weights dtype with --random-preset")
+    d.add_argument("--compile", action="store_true",
+                   help="also time our engine with torch.compile'd decode steps (LLM(compile=True)); "
+                        "compilation happens in the warmup round and is reported")
     d.add_argument("--batch", type=positive_int, default=1, help="sequences generated together")
     d.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
     d.add_argument("--gen-len", type=positive_int, default=64, help="new tokens per sequence")
@@ -758,7 +761,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         result = bench_decode(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               threads=args.threads, seed=args.seed, speculative=args.speculative,
                               num_speculative_tokens=args.num_speculative_tokens, repeats=args.repeats,
-                              warmup=args.warmup, device=args.device)
+                              warmup=args.warmup, device=args.device, compile=args.compile)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(format_bench_decode(result))

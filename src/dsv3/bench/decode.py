@@ -183,11 +183,13 @@ def _same(a: list[list[int]] | None, b: list[list[int]] | None) -> dict:
 def bench_decode(model: str | Path, batch: int = 1, prompt_len: int = 32, gen_len: int = 64,
                  threads: int | None = None, seed: int = 0, speculative: str | None = None,
                  num_speculative_tokens: int = 1, repeats: int = 3, warmup: int = 1,
-                 device: str | torch.device | None = None) -> dict:
+                 device: str | torch.device | None = None, compile: bool = False) -> dict:
     """Time greedy generation of ours and of transformers on the checkpoint directory ``model``.
 
     ``repeats`` timed rounds after ``warmup`` untimed ones (of ``WARMUP_TOKENS`` new tokens); every
-    round runs each implementation once, in rotating order. Returns a JSON-ready dict.
+    round runs each implementation once, in rotating order. Returns a JSON-ready dict. ``compile``
+    adds our engine with ``torch.compile``d decode steps (``LLM(compile=True)``); its compilation
+    falls in the warmup round and is reported separately.
     """
     if batch < 1 or prompt_len < 1 or gen_len < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch, prompt_len, gen_len, repeats >= 1 and warmup >= 0, got batch={batch}, "
@@ -198,16 +200,18 @@ def bench_decode(model: str | Path, batch: int = 1, prompt_len: int = 32, gen_le
         raise ValueError("this dsv3.LLM has no speculative decoding (no `speculative=` argument)")
     if num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    if compile and warmup < 1:
+        raise ValueError("compile needs warmup >= 1 (the warmup round compiles; it must not be timed)")
     if not Path(model).is_dir():
         raise ValueError(f"{model}: no such model directory")
     dev = resolve_device(device)
     with torch_threads(threads):
         return _bench_decode(Path(model), batch, prompt_len, gen_len, seed, speculative, num_speculative_tokens,
-                             repeats, warmup, dev)
+                             repeats, warmup, dev, compile)
 
 
 def _bench_decode(model_dir: Path, batch: int, prompt_len: int, gen_len: int, seed: int, speculative: str | None,
-                  k: int, repeats: int, warmup: int, dev: torch.device) -> dict:
+                  k: int, repeats: int, warmup: int, dev: torch.device, compile: bool = False) -> dict:
     from ..checkpoint import load_pretrained
     from ..engine import LLM, SamplingParams
 
@@ -238,6 +242,11 @@ def _bench_decode(model_dir: Path, batch: int, prompt_len: int, gen_len: int, se
         runners.append(_Timed(f"dsv3+mtp(k={k})", ours_fn(spec_llm), dev,
                               {"speculative": speculative, "num_speculative_tokens": k}))
 
+    compiled_llm = None
+    if compile:
+        compiled_llm = LLM(model, compile=True, **engine_kwargs)
+        runners.append(_Timed("dsv3+compile", ours_fn(compiled_llm), dev, {"compile": True}))
+
     errors: dict[str, str] = {}
     hf_cache: dict = {}
     hf = None
@@ -262,9 +271,13 @@ def _bench_decode(model_dir: Path, batch: int, prompt_len: int, gen_len: int, se
         runners.insert(1, hf)
 
     warm_tokens = min(gen_len, WARMUP_TOKENS)
+    compile_s = None
     for r in range(warmup):
         for runner in runners:
+            t0 = time.perf_counter()
             runner.run(warm_tokens, timed=False)
+            if runner.name == "dsv3+compile" and compile_s is None:
+                compile_s = time.perf_counter() - t0     # the first round compiles the decode step
     spec_before = _spec_stats(spec_llm) if spec_llm is not None else {}
     for r in range(repeats):
         shift = r % len(runners)
@@ -317,9 +330,19 @@ def _bench_decode(model_dir: Path, batch: int, prompt_len: int, gen_len: int, se
             "transformers_detail": transformers_cache,
             "ratio_transformers_over_ours": transformers_cache["per_token"] / ours_cache["per_token"],
         })
+    if compiled_llm is not None:
+        c = next(x for x in results if x["name"] == "dsv3+compile")
+        comp = next(x for x in runners if x.name == "dsv3+compile")
+        out["compiled"] = {
+            "name": c["name"], "warmup_round_s_incl_compile": compile_s,
+            "speedup_vs_ours": ours["time_s_median"] / c["time_s_median"],
+            "ratio_vs_transformers": (c["tokens_per_s"] / results[1]["tokens_per_s"]) if hf is not None else None,
+            "tokens_equal_plain": _same(runners[0].tokens, comp.tokens)["identical"],
+            "tokens_equal_transformers": _same(comp.tokens, hf.tokens)["identical"] if hf is not None else None,
+        }
     if spec_llm is not None:
-        s = results[-1]
-        same = _same(runners[0].tokens, runners[-1].tokens)
+        s = next(x for x in results if x["name"].startswith("dsv3+mtp"))
+        same = _same(runners[0].tokens, next(x for x in runners if x.name.startswith("dsv3+mtp")).tokens)
         out["speculative"] = {
             "method": speculative,
             "num_speculative_tokens": k,
@@ -367,6 +390,14 @@ def format_bench_decode(r: dict) -> str:
         lines.append(f"                     transformers {c['transformers']:,.0f} ({t['cache_class']}, {t['layers']} "
                      f"layers of keys {t['key_shape']} + values {t['value_shape']} {t['dtype']}); "
                      f"transformers / ours = {c['ratio_transformers_over_ours']:.2f}x")
+    c = r.get("compiled")
+    if c:
+        lines.append(f"  torch.compile: {c['speedup_vs_ours']:.2f}x ours eager"
+                     + (f", {c['ratio_vs_transformers']:.2f}x transformers" if c["ratio_vs_transformers"] else "")
+                     + f"; greedy tokens {'equal' if c['tokens_equal_plain'] else 'DIFFER from'} eager"
+                     + (f" and {'equal' if c['tokens_equal_transformers'] else 'DIFFER from'} transformers"
+                        if c["tokens_equal_transformers"] is not None else "")
+                     + f"; warmup round incl. compilation {c['warmup_round_s_incl_compile']:.0f} s")
     s = r.get("speculative")
     if s:
         rate = "n/a" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.3f}"

@@ -7,7 +7,9 @@ Padding rows decode token 0 at position 0, read one slot and write their latents
 scratch block, so they never touch a real sequence; their outputs are dropped. With every shape
 fixed, the whole forward (RMSNorms, MLA projections, the paged-cache write, the Triton decode
 kernel, the router and the grouped-GEMM experts) is captured once per bucket and replayed with one
-launch. On the CPU the same buffers run eagerly, which is how the padding logic is tested there.
+launch. On the CPU the same buffers run eagerly (which is how the padding logic is tested there) or,
+with ``compile=True``, through ``torch.compile`` of :func:`dsv3.engine.compiled.decode_hidden`, one
+static graph per bucket, which inductor turns into C++.
 """
 
 from __future__ import annotations
@@ -32,17 +34,22 @@ class CUDAGraphDecoder:
         capture: capture CUDA graphs (default: when the cache is on CUDA). Without it the static
             buffers run eagerly; a capture that fails (an op that syncs with the host) warns once and
             falls back to that.
+        compile: instead of capturing, run the step through ``torch.compile`` (one static graph per
+            bucket; the first step of each bucket pays the compilation).
     """
 
     def __init__(self, model: Transformer, cache: PagedLatentCache, max_num_seqs: int, max_model_len: int,
-                 capture: bool | None = None, buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+                 capture: bool | None = None, buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile: bool = False):
         if max_num_seqs < 1 or max_model_len < 1:
             raise ValueError(f"need max_num_seqs >= 1 and max_model_len >= 1, got {max_num_seqs}, {max_model_len}")
         self.model, self.cache = model, cache
         dev = cache.kv.device
-        self.capture = dev.type == "cuda" if capture is None else capture
+        self.capture = (dev.type == "cuda" and not compile) if capture is None else capture
         if self.capture and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need the cache on a CUDA device, it is on {dev}")
+        if self.capture and compile:
+            raise ValueError("pick one of capture (CUDA graphs) and compile")
+        self._compiled = torch.compile(self._forward_composed, dynamic=False, fullgraph=True) if compile else None
         self.max_num_seqs = max_num_seqs
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = sorted({b for b in buckets if b < max_num_seqs} | {max_num_seqs})
@@ -67,6 +74,13 @@ class CUDAGraphDecoder:
         meta = PagedBatch(self.cache, self.slots[:b], block_tables=self.tables[:b], context_lens=pos + 1)
         h, _, _ = self.model.hidden_states(self.ids[:b][None], cache=meta, absorb=True, positions=pos)
         return h[0]
+
+    def _forward_composed(self, b: int) -> torch.Tensor:
+        """The same step through :func:`decode_hidden` (what ``torch.compile`` takes whole)."""
+        from .compiled import decode_hidden
+        pos = self.positions[:b]
+        meta = PagedBatch(self.cache, self.slots[:b], block_tables=self.tables[:b], context_lens=pos + 1)
+        return decode_hidden(self.model, self.ids[:b], pos, meta)
 
     def _load(self, items, b: int) -> None:
         """Copy the step's inputs into the buffers; rows n..b-1 become padding."""
@@ -109,6 +123,8 @@ class CUDAGraphDecoder:
         n = len(items)
         b = self.bucket(n)
         self._load(items, b)
+        if self._compiled is not None:
+            return self._compiled(b)[:n]
         if not self.capture:
             return self._forward(b)[:n]
         if b not in self.graphs:

@@ -48,7 +48,8 @@ class LLM:
                  device: str | torch.device | None = None, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
-                 num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False):
+                 num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False,
+                 compile: bool = False):
         if isinstance(model, Transformer):
             self.model = model.eval()
         else:
@@ -72,10 +73,13 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache)
         # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
         # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
-        if cuda_graphs:
+        # compile: the same static-shape decode steps through torch.compile (for CPUs; the first step
+        # of each batch bucket compiles, about a minute or more for a small model on a busy 2-core CPU).
+        if cuda_graphs or compile:
             from .cuda_graph import CUDAGraphDecoder
             self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
-                                                  capture=self.device.type == "cuda")
+                                                  capture=self.device.type == "cuda" and not compile,
+                                                  compile=compile)
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r}: only None or 'mtp'")
         if speculative == "mtp" and not self.model.mtp:
