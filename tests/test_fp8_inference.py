@@ -2,7 +2,6 @@
 parity of our FP8 output, and the engine running an FP8 model."""
 
 import json
-import math
 
 import pytest
 import torch
