@@ -420,7 +420,7 @@ def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     name = os.path.basename(model_dir)
     client = openai.OpenAI(base_url=small_server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    stream = client.completions.create(model=name, prompt="the engine", max_tokens=400, temperature=0, stream=True,
+    stream = client.completions.create(model=name, prompt="the engine", max_tokens=1000, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     it = iter(stream)
     next(it), next(it)                                     # the request is running
@@ -439,8 +439,8 @@ def test_overload_429_and_disconnect_frees_blocks(small_server, model_dir):
     assert m["dsv3_aborted_sequences_total"] == 1 and m["dsv3_running_sequences"] == 0
     # A non-streaming client that gives up is noticed too (the server polls the connection).
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(small_server + "/v1/completions", headers=auth, timeout=1.0,
-                   json={"model": name, "prompt": "the", "max_tokens": 400, "ignore_eos": True})
+        httpx.post(small_server + "/v1/completions", headers=auth, timeout=0.5,
+                   json={"model": name, "prompt": "the", "max_tokens": 1000, "ignore_eos": True})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _metrics(small_server, auth)["dsv3_aborted_sequences_total"] < 2:
         time.sleep(0.1)
