@@ -268,7 +268,7 @@ def test_tool_call_round_trip(client, llm):
 def test_tool_required_streamed(client):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}], tools=TOOLS,
                                             tool_choice="required", temperature=0.9, seed=5, max_tokens=300,
-                                            stream=True)
+                                            stream=True, response_format={"type": "text"})
     calls: dict[int, dict] = {}
     reasons = []
     for chunk in stream:

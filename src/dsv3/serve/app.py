@@ -288,8 +288,8 @@ class _Server:
         stops = req.stop_list()
 
         def processors() -> list:       # constraints hold per-sequence state: one set per choice
-            if fmt is not None:
-                return [self.grammar.json_constraint(fmt or None, thinking, max_tokens)] if fmt != "text" else []
+            if fmt not in (None, "text"):
+                return [self.grammar.json_constraint(fmt or None, thinking, max_tokens)]
             if choice == "required" or isinstance(choice, dict):
                 offered = [choice["tool"]] if isinstance(choice, dict) else tools
                 return [self.grammar.tool_constraint(offered, req.parallel_tool_calls, thinking,
