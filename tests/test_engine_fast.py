@@ -150,3 +150,22 @@ def test_compiled_decode_steps_equal_plain_engine(model):
     llm = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1, compile=True)
     assert llm.generate([PROMPTS[2]], greedy)[0].token_ids == plain[0].token_ids
     assert llm.runner.graphs._compiled is not None
+
+
+def test_bench_decode_random_preset_cli(tmp_path):
+    """``dsv3 bench decode --random-preset``: no checkpoint, roofline fields in the JSON."""
+    import json
+
+    from dsv3.cli import main
+
+    out = tmp_path / "roofline.json"
+    rc = main(["bench", "decode", "--random-preset", "tiny", "--dtype", "float32", "--prompt-len", "8",
+               "--gen-len", "3", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["random_weights"] and r["preset"] == "tiny" and r["dtype"] == "float32"
+    eager = r["results"][0]
+    assert eager["name"] == "eager" and eager["step_ms_median"] > 0
+    assert eager["fraction_of_measured_bandwidth"] == pytest.approx(
+        r["bytes_per_step"]["total"] / (eager["step_ms_median"] / 1000) / r["measured_bandwidth_bytes_per_s"])
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--random-preset", "tiny", "--dtype", "int8"])
