@@ -173,7 +173,7 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                    help="keep the teacher's top-K log-probs per token for KL distillation (0: text only)")
     p.add_argument("--samples-per-prompt", type=positive_int, default=1, help="answers per prompt")
-    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut by --max-tokens (default: drop them)")
+    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut by --max-tokens (otherwise they are dropped)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (and of --task problems)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
 
@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.lm_eval_task:
         from ..eval.lm_eval import write_lm_eval_task
         task = load_task(args.task[0] if args.task else "arithmetic")
-        files = write_lm_eval_task(args.lm_eval_task, task, args.num, args.seed)
+        files = write_lm_eval_task(args.lm_eval_task, task, args.num, args.seed, args.max_new_tokens)
         print("written: " + ", ".join(files))
         return 0
     if args.model is None:
