@@ -203,7 +203,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
     from ..checkpoint import load_pretrained
     from ..eval.tasks import task_accuracy
     from ..tokenizer import Tokenizer
-    from .tasks import load_task
+    from .tasks import load_task, parse_completion
 
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         lengths = [len(c) for c in flat_comps]
         rec = {"step": step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                "accuracy": sum(map(sum, correct)) / rewards.numel(),
-               "format_rate": sum(t.count("</think>") == 1 for ts in texts for t in ts) / rewards.numel(),
+               "format_rate": sum(parse_completion(t)[0] for ts in texts for t in ts) / rewards.numel(),
                "completion_len": sum(lengths) / len(lengths), **stats,
                "sample_s": t_sample, "step_s": time.perf_counter() - t0}
         metrics.write(rec)
