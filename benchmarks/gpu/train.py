@@ -54,10 +54,15 @@ def main() -> int:
         with open(os.path.join(out_dir, "train_gpu.json"), "w") as f:
             json.dump({"results": results, "errors": errors}, f, indent=2)
 
-    gpu = torch.cuda.get_device_name(0)
-    print(f"\ntraining step, bf16 autocast, AdamW (fused), {gpu}, torch {torch.__version__}")
-    print(f"{'preset':<7} {'tokens/step':>11} {'implementation':<40} {'tokens/s':>11} {'vs transformers':>15} "
-          f"{'|loss diff|':>11}")
+    print(f"\ntraining step, bf16 autocast, AdamW (fused), {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print(summary_table(results, errors))
+    return 1 if errors else 0
+
+
+def summary_table(results: list[dict], errors: dict[str, str]) -> str:
+    """One row per implementation and case: tokens/s, ratio to transformers, first-step loss difference."""
+    lines = [f"{'preset':<7} {'tokens/step':>11} {'implementation':<40} {'tokens/s':>11} {'vs transformers':>15} "
+             f"{'|loss diff|':>11}"]
     for r in results:
         diffs = r.get("first_loss_abs_diff_by_impl", {})
         ratios = r.get("ratios", {})
@@ -65,11 +70,10 @@ def main() -> int:
             name = x["name"]
             ratio = f"{ratios[name]:.2f}x" if name in ratios else "1.00x" if name.startswith("transformers") else "-"
             diff = f"{diffs[name]:.1e}" if name in diffs else "-"
-            print(f"{r['preset']:<7} {r['tokens_per_step']:>11,} {name:<40} {x['tokens_per_s']:>11,.0f} {ratio:>15} "
-                  f"{diff:>11}")
-    for preset, err in errors.items():
-        print(f"{preset}: FAILED: {err}")
-    return 1 if errors else 0
+            lines.append(f"{r['preset']:<7} {r['tokens_per_step']:>11,} {name:<40} {x['tokens_per_s']:>11,.0f} "
+                         f"{ratio:>15} {diff:>11}")
+    lines += [f"{preset}: FAILED: {err}" for preset, err in errors.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
