@@ -79,7 +79,10 @@ def test_output_dtype_and_errors():
 def test_gpu_fast_path_matches_reference(backend, M, N, K, bn):
     a, sa, b, sb = operands(M, N, K, 128, bn, device="cuda")
     ref = G.fp8_gemm_reference(a, sa, b, sb, 128, bn, out_dtype=torch.float32)
-    for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):  # bf16 output: its own rounding
+    # fp32 output: Hopper's FP8 tensor cores keep fewer accumulator bits than fp32 inside each 128-wide
+    # chunk (the V3 report, section 3.3.2); an H100 gave 0.8e-4 to 1.1e-4 for both backends (2026-11-22).
+    # A wrong scale or block would be off by O(1). bf16 output adds its own rounding.
+    for out_dtype, tol in ((torch.float32, 5e-4), (torch.bfloat16, 5e-3)):
         try:
             got = G.fp8_gemm(a, sa, b, sb, 128, bn, out_dtype=out_dtype, backend=backend)
         except Exception as e:  # a backend this torch/GPU lacks: reported; the dispatcher skips it
