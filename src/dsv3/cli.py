@@ -283,7 +283,7 @@ def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True) -> None
                         "after a one-off compile (about a minute on CPU; needs a C++ compiler)")
     p.add_argument("--no-fused-ce", dest="fused_ce", action="store_false",
                    help="compute the training loss from full [batch, seq, vocab] logits instead of the fused, "
-                        "chunked head + cross-entropy (same loss; slower, more memory)")
+                        "chunked head + cross-entropy (same loss; slower, more memory; fused: %(default)s)")
     p.add_argument("--ep", type=positive_int, default=d.ep,
                    help="expert-parallel size under torchrun: routed experts split over groups of EP ranks")
 
