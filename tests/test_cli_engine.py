@@ -178,3 +178,18 @@ def test_generate_speculative_greedy_equals_plain(model_dir, capsys):
     plain = run_json_lines(capsys, argv)
     spec = run_json_lines(capsys, argv + ["--speculative", "mtp", "--num-speculative-tokens", "2"])
     assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in plain]
+
+
+def test_generate_keeps_fp8_weights_with_keep_fp8(model_dir, capsys, tmp_path):
+    """`--keep-fp8` on an FP8 checkpoint: the engine holds FP8 layers, and greedy decoding runs."""
+    fp8_dir = str(tmp_path / "fp8")
+    assert main(["convert", model_dir, fp8_dir, "--to", "fp8", "--block", "16", "16"]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--model", fp8_dir, "--prompt", "def step(", "--max-tokens", "6", "--temperature", "0",
+            "--json"]
+    kept = run_json_lines(capsys, argv + ["--keep-fp8"])
+    dequantized = run_json_lines(capsys, argv)
+    assert len(kept) == len(dequantized) == 1
+    assert len(kept[0]["token_ids"]) == 6
+    llm = LLM(fp8_dir, keep_fp8=True)
+    assert any(p.dtype == torch.float8_e4m3fn for p in llm.model.state_dict().values())

@@ -389,6 +389,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="draft tokens per step with --speculative")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    add_engine_speed_args(p)
+
+
+def add_engine_speed_args(p: argparse.ArgumentParser) -> None:
+    """Engine switches shared by ``generate``, ``chat`` and ``serve`` (see docs/engine-performance.md, docs/fp8.md)."""
+    p.add_argument("--keep-fp8", action="store_true",
+                   help="keep an FP8 checkpoint's weights in FP8 (half the memory of bf16) instead of dequantizing")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA, replay decode steps from captured CUDA graphs (one per batch-size bucket)")
+
+
+def engine_speed_kwargs(args: argparse.Namespace) -> dict:
+    """The ``dsv3.LLM`` keyword arguments of the flags added by :func:`add_engine_speed_args`."""
+    return {"keep_fp8": args.keep_fp8, "cuda_graphs": args.cuda_graphs}
 
 
 def _engine_inputs(args: argparse.Namespace):
@@ -433,7 +447,8 @@ def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_
         kwargs = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
     try:
         return LLM(args.model, tokenizer=tokenizer, device=args.device, max_num_seqs=max_num_seqs,
-                   max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, **kwargs)
+                   max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, **kwargs,
+                   **engine_speed_kwargs(args))
     except ValueError as e:
         raise CLIError(str(e)) from None
 

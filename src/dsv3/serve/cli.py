@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from ..cli import CLIError, HelpFormatter, _write_json, add_command, positive_int
+from ..cli import (CLIError, HelpFormatter, _write_json, add_command, add_engine_speed_args, engine_speed_kwargs,
+                   positive_int)
 
 API_KEY_ENV = "DSV3_API_KEY"
 
@@ -54,6 +55,7 @@ def add_parsers(subparsers, bench, experiment) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weight and latent-cache dtype")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    add_engine_speed_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's random stream (unseeded requests)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
@@ -117,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         llm = LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                  num_blocks=args.num_blocks, seed=args.seed, **spec)
+                  num_blocks=args.num_blocks, seed=args.seed, **spec, **engine_speed_kwargs(args))
     except ValueError as e:
         raise CLIError(str(e)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
