@@ -13,6 +13,8 @@ an unbalanced batch costs nothing extra). No token is ever dropped.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,30 +99,47 @@ class RoutedExperts(nn.Module):
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
         if grouped_mm_usable(x, self.gate_proj):  # three grouped GEMMs, same function (kernels/)
             return grouped_swiglu(x, weights, topk, self.gate_proj, self.up_proj, self.down_proj)
-        T, k = topk.shape
-        flat = topk.flatten()
-        order = flat.argsort(stable=True)              # token-slots grouped by expert
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        # index_select, not x[token]: its backward is one index_add_, where advanced indexing's is an
-        # accumulating index_put_ (several times slower on CPU for the T*k duplicated rows).
-        xs = x.index_select(0, token)                   # [T*k, D]
-        route_w = weights.flatten()[order].unsqueeze(-1)  # [T*k, 1] fp32, in the same order
-        out = torch.zeros_like(x)
         # unbind gives per-expert views whose backward stacks the E gradients once; indexing
         # self.gate_proj[e] instead would allocate and add a full [E, I, D] zero gradient per expert.
-        experts = zip(xs.split(counts), route_w.split(counts), token.split(counts),
-                      self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
-        for chunk, rw, tok, w_gate, w_up, w_down in experts:
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(chunk @ w_gate.T) * (chunk @ w_up.T)            # [n, I]
-            # The gate weight scales the I-wide hidden state (down_proj is linear), which is cheaper
-            # than scaling the D-wide output; each expert adds straight into its tokens' rows, so no
-            # [T*k, D] concatenation is built (nor split again in the backward pass).
-            y = (h * rw.to(h.dtype)) @ w_down.T                        # [n, D]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        per_expert = list(zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)))
+        return dispatch_experts(x, weights, topk, per_expert, swiglu_expert)
+
+
+def swiglu_expert(chunk: torch.Tensor, route_w: torch.Tensor, w: tuple) -> torch.Tensor:
+    """One expert on its tokens: chunk [n, D], route_w [n, 1], w = (gate [I, D], up [I, D], down [D, I]) -> [n, D].
+
+    The gate weight scales the I-wide hidden state (down_proj is linear), which is cheaper than
+    scaling the D-wide output.
+    """
+    w_gate, w_up, w_down = w
+    h = F.silu(chunk @ w_gate.T) * (chunk @ w_up.T)            # [n, I]
+    return (h * route_w.to(h.dtype)) @ w_down.T                # [n, D]
+
+
+def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, per_expert: Sequence,
+                     run: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> torch.Tensor:
+    """The reference expert loop: ``sum_k weights[t,k] * run(x[t], ., per_expert[topk[t,k]])``  [T, D].
+
+    Token slots are grouped by expert (a stable sort), each non-empty group goes through
+    ``run(chunk [n, D], route_w [n, 1], per_expert[e])`` once, and the results are added straight into
+    their tokens' rows, so no [T*k, D] concatenation is built (nor split again in the backward pass).
+    The FP8 variants (quant/, train/fp8.py) call this with their own ``run``.
+    """
+    k = topk.shape[1]
+    flat = topk.flatten()
+    order = flat.argsort(stable=True)              # token-slots grouped by expert
+    token = order // k
+    counts = torch.bincount(flat, minlength=len(per_expert)).tolist()
+    # index_select, not x[token]: its backward is one index_add_, where advanced indexing's is an
+    # accumulating index_put_ (several times slower on CPU for the T*k duplicated rows).
+    xs = x.index_select(0, token)                   # [T*k, D]
+    route_w = weights.flatten()[order].unsqueeze(-1)  # [T*k, 1] fp32, in the same order
+    out = torch.zeros_like(x)
+    for chunk, rw, tok, w in zip(xs.split(counts), route_w.split(counts), token.split(counts), per_expert):
+        if chunk.shape[0] == 0:
+            continue
+        out.index_add_(0, tok, run(chunk, rw, w).to(out.dtype))
+    return out
 
 
 class MoE(nn.Module):

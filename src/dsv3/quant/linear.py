@@ -21,7 +21,7 @@ from torch import nn
 from .. import fp8
 from ..kernels.fp8_gemm import fp8_gemm
 from ..model.mla import MLA
-from ..model.moe import RoutedExperts
+from ..model.moe import RoutedExperts, dispatch_experts
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -140,23 +140,13 @@ class FP8RoutedExperts(_FP8Storage):
     def _linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         return fp8_linear(x, getattr(self, name)[e], getattr(self, name + "_scale_inv")[e], self.block, self.scale_fmt)
 
+    def _expert(self, chunk: torch.Tensor, route_w: torch.Tensor, e: int) -> torch.Tensor:
+        h = F.silu(self._linear(chunk, "gate_proj", e)) * self._linear(chunk, "up_proj", e)   # [n, I]
+        return self._linear(h * route_w.to(h.dtype), "down_proj", e)                          # [n, D]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
-        k = topk.shape[1]
-        flat = topk.flatten()
-        order = flat.argsort(stable=True)                  # token-slots grouped by expert
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x.index_select(0, token)                       # [T*k, D]
-        route_w = weights.flatten()[order].unsqueeze(-1)   # [T*k, 1] fp32
-        out = torch.zeros_like(x)
-        for e, (chunk, rw, tok) in enumerate(zip(xs.split(counts), route_w.split(counts), token.split(counts))):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(self._linear(chunk, "gate_proj", e)) * self._linear(chunk, "up_proj", e)   # [n, I]
-            y = self._linear(h * rw.to(h.dtype), "down_proj", e)                                  # [n, D]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return dispatch_experts(x, weights, topk, range(self.gate_proj.shape[0]), self._expert)
 
 
 class FP8MLA(MLA):

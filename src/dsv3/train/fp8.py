@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import fp8
 from ..kernels.fp8_gemm import fp8_gemm
-from ..model.moe import RoutedExperts
+from ..model.moe import RoutedExperts, dispatch_experts
 
 
 @dataclass(frozen=True)
@@ -101,26 +101,16 @@ class FP8TrainingExperts(RoutedExperts):
 
     fp8_config: FP8TrainingConfig
 
+    def _expert(self, chunk: torch.Tensor, route_w: torch.Tensor, w: tuple) -> torch.Tensor:
+        w_gate, w_up, w_down = w
+        cfg = self.fp8_config
+        h = F.silu(fp8_matmul(chunk, w_gate, cfg)) * fp8_matmul(chunk, w_up, cfg)   # [n, I]
+        return fp8_matmul(h * route_w.to(h.dtype), w_down, cfg)                   # [n, D]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
-        k = topk.shape[1]
-        flat = topk.flatten()
-        order = flat.argsort(stable=True)                  # token-slots grouped by expert
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x.index_select(0, token)                       # [T*k, D]
-        route_w = weights.flatten()[order].unsqueeze(-1)   # [T*k, 1] fp32
-        out = torch.zeros_like(x)
-        cfg = self.fp8_config
-        experts = zip(xs.split(counts), route_w.split(counts), token.split(counts),
-                      self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
-        for chunk, rw, tok, w_gate, w_up, w_down in experts:
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(fp8_matmul(chunk, w_gate, cfg)) * fp8_matmul(chunk, w_up, cfg)   # [n, I]
-            y = fp8_matmul(h * rw.to(h.dtype), w_down, cfg)                           # [n, D]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        per_expert = list(zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)))
+        return dispatch_experts(x, weights, topk, per_expert, self._expert)
 
 
 def apply_fp8_training(model: nn.Module, config: FP8TrainingConfig | None = None) -> list[str]:
