@@ -38,9 +38,8 @@ from pathlib import Path
 import torch
 
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import clean_stale_temps, list_checkpoints, load_training_state, save_training_checkpoint
+from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
 from ..train.trainer import MetricsLog, _autocast
-from .sft import resume_point
 
 
 class GRPOError(RuntimeError):
@@ -206,22 +205,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
     from .tasks import load_task, parse_completion
 
     out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_dir)
-    ckpt = resume_point(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise GRPOError(f"{out_dir}: no complete checkpoint to resume from")
-    if ckpt is not None:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["grpo_config"]
-        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
-        if steps is not None:
-            here["steps"] = steps
-        cfg = GRPOConfig(**{**saved, **here})
-    else:
-        if steps is not None:
-            cfg = dataclasses.replace(cfg, steps=steps)
-        for p in [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]:
-            shutil.rmtree(p)
+    cfg, ckpt = open_run(cfg, out_dir, resume, "grpo_config", "steps", steps, GRPOError, log, "GRPO run")
     if cfg.group_size < 2:
         raise GRPOError(f"group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
     if not (Path(cfg.model) / "config.json").is_file():

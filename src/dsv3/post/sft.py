@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import clean_stale_temps, list_checkpoints, load_training_state, save_training_checkpoint
+from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
 from ..train.trainer import MetricsLog, _autocast
 
 
@@ -70,16 +70,6 @@ class SFTConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out)
-
-
-def resume_point(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run: the last ``checkpoint-STEP`` or ``final`` (so a finished
-    run can be extended with more steps), whichever has the higher step."""
-    candidates = list_checkpoints(out_dir)
-    final = Path(out_dir) / "final"
-    if (final / "trainer_state.json").is_file():
-        candidates.append((json.loads((final / "trainer_state.json").read_text())["step"], final))
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
 def _device(name: str | None) -> torch.device:
@@ -196,26 +186,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     from ..tokenizer import Tokenizer, TokenizerError
 
     out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_dir)
-    ckpt = resume_point(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise SFTError(f"{out_dir}: no complete checkpoint to resume from")
-    if ckpt is not None:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["sft_config"]
-        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
-        if max_steps is not None:
-            here["max_steps"] = max_steps
-        cfg = SFTConfig(**{**saved, **here})
-    else:
-        if max_steps is not None:
-            cfg = dataclasses.replace(cfg, max_steps=max_steps)
-        old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
-        if old:
-            log(f"{out_dir}: starting a new SFT run, removing {len(old)} checkpoint(s) of the previous one "
-                "(use --resume to continue it instead)")
-        for p in old:
-            shutil.rmtree(p)
+    cfg, ckpt = open_run(cfg, out_dir, resume, "sft_config", "max_steps", max_steps, SFTError, log, "SFT run")
     base = Path(cfg.model)
     if not (base / "config.json").is_file():
         raise SFTError(f"--model {base}: no config.json there (train a base first: `make demo` or `dsv3 train`)")

@@ -12,6 +12,7 @@ a partial one that looks complete. No pickle anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -138,3 +139,45 @@ def clean_stale_temps(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     for p in Path(out_dir).glob(".final.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def open_run(cfg, out_dir: Path, resume: bool, state_key: str, step_field: str, steps: int | None,
+             error: type[Exception], log=print, what: str = "run"):
+    """Prepare ``out_dir`` for a run of ``cfg`` (a dataclass config); returns ``(cfg, checkpoint or None)``.
+
+    Resuming takes the config saved under ``state_key`` in the newest complete checkpoint (``final``
+    included, so a finished run can be extended), keeping this call's progress/device/out and, if
+    given, ``steps`` as the new ``step_field``; no checkpoint to resume is ``error``. A fresh run
+    removes the previous run's checkpoints, so a later ``--resume`` cannot pick up a stale one.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
+    ckpt = resume_point(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise error(f"{out_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:
+        saved = json.loads((ckpt / TRAINER_STATE).read_text())[state_key]
+        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
+        if steps is not None:
+            here[step_field] = steps
+        return type(cfg)(**{**saved, **here}), ckpt
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, **{step_field: steps})
+    old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
+    if old:
+        log(f"{out_dir}: starting a new {what}, removing {len(old)} checkpoint(s) of the previous one "
+            "(use --resume to continue it instead)")
+    for p in old:
+        shutil.rmtree(p)
+    return cfg, None
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run: the last ``checkpoint-STEP`` or ``final`` (so a finished
+    run can be extended with more steps), whichever has the higher step."""
+    candidates = list_checkpoints(out_dir)
+    final = Path(out_dir) / "final"
+    if (final / TRAINER_STATE).is_file():
+        candidates.append((json.loads((final / TRAINER_STATE).read_text())["step"], final))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
