@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
 from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
-from ..train.trainer import MetricsLog, _autocast
+from ..train.trainer import MetricsLog, _autocast, _progress
 
 
 class SFTError(RuntimeError):
@@ -224,7 +224,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
               "base_model": str(base)}
         return save_training_checkpoint(out_dir, name, model, tokenizer, optimizer, st)
 
-    progress = _Progress(cfg, start)
+    progress = _progress(cfg, start, desc="sft", postfix=_sft_postfix)
     nonfinite, last_eval = 0, {}
     t_run = time.perf_counter()
     for step in range(start, cfg.max_steps):
@@ -296,27 +296,11 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     return summary
 
 
-class _Progress:
-    """A tqdm bar with loss and val loss; silent when disabled."""
-
-    def __init__(self, cfg: SFTConfig, start: int):
-        self.bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
-
-    def update(self, rec: dict, last_eval: dict) -> None:
-        if self.bar is None:
-            return
-        post = {"loss": f"{rec['lm_loss']:.3f}"}
-        if last_eval:
-            post["val"] = f"{last_eval['val_loss']:.3f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _sft_postfix(rec: dict, last_eval: dict) -> dict:
+    post = {"loss": f"{rec['lm_loss']:.3f}"}
+    if last_eval:
+        post["val"] = f"{last_eval['val_loss']:.3f}"
+    return post
 
 
 def format_sft_summary(s: dict) -> str:

@@ -429,24 +429,32 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     return summary if dp is None else dp.finish(summary)
 
 
-class _progress:
-    """A live progress bar (tqdm) showing loss, val loss and throughput; silent when disabled."""
+def _train_postfix(rec: dict, last_eval: dict) -> dict:
+    post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+    if "maxvio_batch_mean" in rec:
+        post["maxvio"] = f"{rec['maxvio_batch_mean']:.2f}"
+    if last_eval:
+        post["val"] = f"{last_eval['val_loss']:.3f}"
+    return post
 
-    def __init__(self, cfg: TrainConfig, start: int):
-        self.bar = None
+
+class _progress:
+    """A live progress bar (tqdm) over ``cfg.max_steps``; silent unless ``cfg.progress``.
+
+    ``postfix(rec, last_eval)`` picks what the bar shows (default: loss, tok/s, MaxVio, val loss);
+    SFT uses the same bar with its own fields.
+    """
+
+    def __init__(self, cfg, start: int, desc: str = "train", postfix=_train_postfix):
+        self.bar, self.postfix = None, postfix
         if cfg.progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, rec: dict, last_eval: dict) -> None:
         if self.bar is None:
             return
-        post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-        if "maxvio_batch_mean" in rec:
-            post["maxvio"] = f"{rec['maxvio_batch_mean']:.2f}"
-        if last_eval:
-            post["val"] = f"{last_eval['val_loss']:.3f}"
-        self.bar.set_postfix(post, refresh=False)
+        self.bar.set_postfix(self.postfix(rec, last_eval), refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
