@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
 from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
-from ..train.trainer import MetricsLog, _autocast, _progress
+from ..train.trainer import MetricsLog, _autocast, _progress, finish_update
 
 
 class SFTError(RuntimeError):
@@ -242,21 +242,8 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
                "target_tokens": int(losses["target_tokens"]), "lr": lr, "grad_norm": grad_norm,
                "epoch": batches.epoch_progress}
         counts = {n: r.last_counts for n, r in routers}
-        if finite:
-            optimizer.step()
-            for n, r in routers:
-                if counts[n] is not None:
-                    balance.update_bias(r, counts[n], cfg.bias_update_rate)
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            rec["skipped"] = True
-            log(f"step {step + 1}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
-        optimizer.zero_grad(set_to_none=True)
-        if main_names and all(counts[n] is not None for n in main_names):
-            mv = balance.max_violation(torch.stack([counts[n] for n in main_names]))
-            rec["maxvio_batch"] = [float(v) for v in mv]
-            rec["maxvio_batch_mean"] = float(mv.mean())
+        nonfinite = finish_update(optimizer, routers, counts, main_names, finite, nonfinite, rec,
+                                  cfg.bias_update_rate, log)
         rec["tokens_per_s"] = batch["tokens"].numel() / (time.perf_counter() - t0)
         metrics.write(rec)
         if nonfinite >= cfg.max_nonfinite:

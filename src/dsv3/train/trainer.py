@@ -362,20 +362,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
                      else dp.clip_grad_norm(model, cfg.grad_clip))
         finite = finite and math.isfinite(grad_norm)
         rec = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm}
-        if finite:
-            optimizer.step()
-            for n, r in routers:  # aux-loss-free: the whole step's counts, after the optimizer step
-                balance.update_bias(r, counts[n], cfg.bias_update_rate)
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            rec["skipped"] = True
-            log(f"step {step + 1}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
-        optimizer.zero_grad(set_to_none=True)
-        mv = balance.max_violation(torch.stack([counts[n] for n in main_names])) if main_names else None
-        if mv is not None:
-            rec["maxvio_batch"] = [float(v) for v in mv]
-            rec["maxvio_batch_mean"] = float(mv.mean())
+        nonfinite = finish_update(optimizer, routers, counts, main_names, finite, nonfinite, rec,
+                                  cfg.bias_update_rate, log)
         rec["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
         metrics.write(rec)
         if nonfinite >= cfg.max_nonfinite:
@@ -427,6 +415,33 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         summary["sample"] = prompt_text + tokenizer.decode(gen, skip_special_tokens=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary if dp is None else dp.finish(summary)
+
+
+def finish_update(optimizer, routers, counts: dict, main_names: list, finite: bool, nonfinite: int, rec: dict,
+                  bias_update_rate: float, log=print) -> int:
+    """Close a training step; returns the new count of non-finite steps in a row.
+
+    Finite loss and gradients: the optimizer step, then the aux-loss-free bias update from the whole
+    step's expert counts. Otherwise the update is skipped and logged. Either way the gradients are
+    zeroed and ``rec`` gets MaxVio_batch of the main model's MoE layers (``main_names``).
+    Shared by pre-training and SFT.
+    """
+    if finite:
+        optimizer.step()
+        for n, r in routers:
+            if counts[n] is not None:
+                balance.update_bias(r, counts[n], bias_update_rate)
+        nonfinite = 0
+    else:
+        nonfinite += 1
+        rec["skipped"] = True
+        log(f"step {rec['step']}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
+    optimizer.zero_grad(set_to_none=True)
+    if main_names and all(counts[n] is not None for n in main_names):
+        mv = balance.max_violation(torch.stack([counts[n] for n in main_names]))
+        rec["maxvio_batch"] = [float(v) for v in mv]
+        rec["maxvio_batch_mean"] = float(mv.mean())
+    return nonfinite
 
 
 def _train_postfix(rec: dict, last_eval: dict) -> dict:
