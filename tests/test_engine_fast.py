@@ -8,8 +8,11 @@ graphs are checked against eager decoding.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+import torch._inductor.config
 
 from dsv3.engine.cuda_graph import CUDAGraphDecoder
 from dsv3.engine.llm import LLM
@@ -48,6 +51,20 @@ def test_static_decode_steps_equal_plain_engine_and_model(model):
     assert llm.cache.scratch_slot == llm.cache.num_blocks * llm.cache.block_size
 
 
+def test_uncaptured_static_steps_read_only_the_block_columns_in_use(model):
+    """A long max_model_len must not make every CPU step read max_model_len slots per row."""
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    plain = _run_staggered(LLM(model, block_size=4, max_model_len=64), greedy)
+    llm = LLM(model, block_size=4, max_model_len=2048, max_num_seqs=6, cuda_graphs=True)
+    graphs = llm.runner.graphs
+    widths, forward = [], graphs._forward
+    graphs._forward = lambda b, tables: widths.append(tables.shape[1]) or forward(b, tables)
+    assert _run_staggered(llm, greedy) == plain
+    longest = max(len(p) for p in PROMPTS) + 9
+    assert widths and max(widths) <= -(-longest // 4) < graphs.max_blocks == 512
+    assert min(widths) >= 2
+
+
 def test_static_decode_with_mtp_speculation_equals_plain_greedy(model):
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = PROMPTS[:3]
@@ -66,6 +83,10 @@ def test_buckets_and_fit():
     assert [g.bucket(n) for n in (1, 2, 3, 5, 9, 17, 20)] == [1, 2, 4, 8, 16, 20, 20]
     assert g.fits([([1], 0, [0] * 8)]) and not g.fits([([1], 0, [0] * 9)])
     assert not g.fits([([1], 0, [0])] * 21)
+    # Uncaptured steps read the longest table's columns (at least 2, at most max_blocks).
+    assert g.table_width([([1], 0, [0]), ([1], 0, [0, 1, 2])]) == 3
+    assert g.table_width([([1], 0, [0])]) == 2
+    assert g.table_width([([1], 0, list(range(8)))]) == 8
     with pytest.raises(ValueError, match="CUDA"):
         CUDAGraphDecoder(None, _Cache(), 4, 30, capture=True)
 
@@ -155,8 +176,30 @@ def test_compiled_decode_steps_equal_plain_engine(tiny_config):
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     plain = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1).generate([PROMPTS[2]], greedy)
     llm = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1, compile=True)
-    assert llm.generate([PROMPTS[2]], greedy)[0].token_ids == plain[0].token_ids
+    torch._dynamo.utils.counters.clear()
+    graphs = []                                        # the ops of each graph inductor generates code for
+    with mock.patch.object(torch._inductor.config, "post_grad_custom_post_pass", _RecordOps(graphs)):
+        assert llm.generate([PROMPTS[2]], greedy)[0].token_ids == plain[0].token_ids
     assert llm.runner.graphs._compiled is not None
+    # The block-table width grows during decoding (block_size 4) and stays symbolic: one graph.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # The cache write stays in place: writing through a per-layer view of the cache made inductor
+    # scatter the whole layer back into the whole cache (a full copy every step).
+    assert len(graphs) == 1 and "aten.index_put.default" in graphs[0]
+    assert not [op for op in graphs[0] if op.endswith("_scatter.default")]
+
+
+class _RecordOps:
+    """An inductor post-grad pass that only records each graph's ops (no uuid: the FX cache is bypassed)."""
+
+    def __init__(self, graphs: list):
+        self.graphs = graphs
+
+    def __call__(self, graph) -> None:
+        self.graphs.append([str(n.target) for n in graph.nodes if n.op == "call_function"])
+
+    def uuid(self):
+        return None
 
 
 def test_bench_decode_random_preset_cli(tmp_path):
@@ -176,3 +219,26 @@ def test_bench_decode_random_preset_cli(tmp_path):
         r["bytes_per_step"]["total"] / (eager["step_ms_median"] / 1000) / r["measured_bandwidth_bytes_per_s"])
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--random-preset", "tiny", "--dtype", "int8"])
+
+
+def test_engine_stores_its_own_linear_weights_column_major(tmp_path):
+    """LLM(path) on a CPU re-stores Linear weights column-major (same values), never a model handed to it."""
+    import dsv3
+    from dsv3.engine.weight_layout import column_major_linears
+
+    path = random_checkpoint(tmp_path, mtp_layers=1, seed=5)
+    row_major = dsv3.load_pretrained(path)
+    llm = LLM(path, block_size=4, max_model_len=64)
+    linears = {n: m.weight for n, m in llm.model.named_modules() if type(m) is torch.nn.Linear}
+    assert linears and all(w.stride() == (1, w.shape[0]) for w in linears.values())
+    for name, w in row_major.state_dict().items():
+        torch.testing.assert_close(llm.model.state_dict()[name], w, rtol=0, atol=0)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    given = LLM(row_major, block_size=4, max_model_len=64)
+    assert all(p.is_contiguous() for p in row_major.parameters())
+    assert [o.token_ids for o in llm.generate(PROMPTS, greedy)] == [o.token_ids for o in given.generate(PROMPTS, greedy)]
+    # A head tied to the embedding keeps the embedding's row-major layout.
+    tied = dsv3.Transformer(row_major.config.replace(tie_word_embeddings=True, num_nextn_predict_layers=0))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    column_major_linears(tied)
+    assert tied.lm_head.weight.is_contiguous()

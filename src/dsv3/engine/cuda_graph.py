@@ -2,7 +2,8 @@
 
 A decode step of ``n`` sequences is padded to the smallest bucket ``b >= n`` (1, 2, 4, 8, 16, 24,
 32, ... up to ``max_num_seqs``) and runs on fixed buffers: token ids ``[b]``, positions ``[b]``,
-write slots ``[b]`` and block tables ``[b, max_blocks]`` (``max_blocks`` covers ``max_model_len``).
+write slots ``[b]`` and block tables ``[b, max_blocks]`` (``max_blocks`` covers ``max_model_len``; an
+uncaptured step reads only the columns its sequences use, see :meth:`CUDAGraphDecoder.table_width`).
 Padding rows decode token 0 at position 0, read one slot and write their latents to the cache's
 scratch block, so they never touch a real sequence; their outputs are dropped. With every shape
 fixed, the whole forward (RMSNorms, MLA projections, the paged-cache write, the Triton decode
@@ -68,19 +69,32 @@ class CUDAGraphDecoder:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        """The decode step on the first ``b`` rows of the buffers -> final normed hidden [b, D]."""
+    def _forward(self, b: int, tables: torch.Tensor) -> torch.Tensor:
+        """The decode step on the first ``b`` rows of the buffers, reading the block tables
+        ``tables [b, width]`` (a view of the buffer) -> final normed hidden [b, D]."""
         pos = self.positions[:b]
-        meta = PagedBatch(self.cache, self.slots[:b], block_tables=self.tables[:b], context_lens=pos + 1)
+        meta = PagedBatch(self.cache, self.slots[:b], block_tables=tables, context_lens=pos + 1)
         h, _, _ = self.model.hidden_states(self.ids[:b][None], cache=meta, absorb=True, positions=pos)
         return h[0]
 
-    def _forward_composed(self, b: int) -> torch.Tensor:
+    def _forward_composed(self, b: int, tables: torch.Tensor) -> torch.Tensor:
         """The same step through :func:`decode_hidden` (what ``torch.compile`` takes whole)."""
         from .compiled import decode_hidden
         pos = self.positions[:b]
-        meta = PagedBatch(self.cache, self.slots[:b], block_tables=self.tables[:b], context_lens=pos + 1)
+        meta = PagedBatch(self.cache, self.slots[:b], block_tables=tables, context_lens=pos + 1)
         return decode_hidden(self.model, self.ids[:b], pos, meta)
+
+    def table_width(self, items) -> int:
+        """Block-table columns an uncaptured step reads: the longest table among ``items``, at least 2.
+
+        The CPU reference attention reads every slot of every column, so a step must not read
+        ``max_model_len`` worth of slots when the sequences are short (the default 2048 made a
+        compiled tiny-model step 10x slower than needed). The floor of 2 keeps the width symbolic in
+        the compiled graph (torch.compile specializes sizes 0 and 1), so one graph per batch bucket
+        serves every width. CUDA graphs keep the full width: their addresses and shapes are fixed, and
+        the Triton kernel stops at each row's context length anyway.
+        """
+        return min(self.max_blocks, max(2, max(len(t) for _, _, t in items)))
 
     def _load(self, items, b: int) -> None:
         """Copy the step's inputs into the buffers; rows n..b-1 become padding."""
@@ -109,11 +123,11 @@ class CUDAGraphDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(b)
+                self._forward(b, self.tables[:b])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._forward(b)
+            out = self._forward(b, self.tables[:b])
         self._pool = graph.pool()
         self.graphs[b], self.outputs[b] = graph, out
 
@@ -123,10 +137,12 @@ class CUDAGraphDecoder:
         n = len(items)
         b = self.bucket(n)
         self._load(items, b)
-        if self._compiled is not None:
-            return self._compiled(b)[:n]
         if not self.capture:
-            return self._forward(b)[:n]
+            tables = self.tables[:b, :self.table_width(items)]
+            if self._compiled is None:
+                return self._forward(b, tables)[:n]
+            torch._dynamo.maybe_mark_dynamic(tables, 1)      # one graph per bucket, any width
+            return self._compiled(b, tables)[:n]
         if b not in self.graphs:
             try:
                 self._capture(b)
@@ -135,7 +151,7 @@ class CUDAGraphDecoder:
                               "decoding eagerly on static shapes instead", RuntimeWarning, stacklevel=2)
                 torch.cuda.synchronize()
                 self.capture = False
-                return self._forward(b)[:n]
+                return self._forward(b, self.tables[:b, :self.table_width(items)])[:n]
         self.graphs[b].replay()
         # A copy: the engine keeps hidden states across steps (MTP), the graph overwrites its output.
         return self.outputs[b][:n].clone()

@@ -24,6 +24,7 @@ from .sampling import (SamplingParams, greedy_verify, penalty_inputs, probs_afte
                        sample)
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .weight_layout import column_major_linears
 
 
 @dataclass
@@ -61,6 +62,9 @@ class LLM:
             from ..checkpoint import load_pretrained
             # keep_fp8: FP8 checkpoint weights stay float8_e4m3fn + scales (dsv3.quant), half of bf16
             self.model = load_pretrained(model, dtype=dtype or "float32", device=device, keep_fp8=keep_fp8)
+            if self.model.embed_tokens.weight.device.type == "cpu":
+                # Our own copy: store Linear weights the way the CPU's GEMMs stream them fastest.
+                column_major_linears(self.model)
             if tokenizer is None and (Path(model) / "tokenizer.json").exists():
                 from ..tokenizer import Tokenizer
                 tokenizer = Tokenizer.load(model)

@@ -77,8 +77,13 @@ class PagedBatch:
 
     def attend(self, mla, q_nope, q_pe, c_kv, k_pe, start_pos: int, absorb: bool) -> torch.Tensor:
         """q_nope [1,N,H,nope], q_pe [1,N,H,rope], new c_kv [1,N,r], k_pe [1,N,rope] -> [1,N,H,v]."""
+        new = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(self.cache.kv.dtype)     # [N, r+rope]
+        # One write into the whole [layers, slots, r+rope] tensor by (layer, slot) index: torch.compile
+        # keeps it in place. The same write through the per-layer view made inductor copy the entire
+        # cache every step (functionalized view mutation): 224 ms a step at 2048 x 32 slots.
+        layer = torch.full_like(self.write_slots, mla.layer_idx)
+        self.cache.kv.index_put_((layer, self.write_slots), new)
         kv = self.cache.kv[mla.layer_idx]                                        # [slots, r+rope]
-        kv.index_copy_(0, self.write_slots, torch.cat([c_kv[0], k_pe[0]], dim=-1).to(kv.dtype))
         r = self.cache.kv_lora_rank
         if self.block_tables is not None:
             w_uk, w_uv = mla.absorbed_weights()                                  # [H,nope,r], [H,v,r]
