@@ -3,9 +3,10 @@
 Decoding a small model on a CPU is bound by per-operation overhead (hundreds of tiny kernels per
 token), which only fusing the step removes. ``model.hidden_states`` itself cannot be compiled as one
 graph there: its routed experts run either a Python loop over experts (token counts read on the
-host) or ``torch._grouped_mm``, which inductor accepts only in bf16. :func:`decode_hidden` composes
-the same modules (embedding, RoPE, each block's norms, MLA and router, the final norm) and computes
-the routed experts with :func:`gathered_experts` instead: each (token, expert) pair is a
+host) or ``torch._grouped_mm``, which inductor accepts only in bf16 on CUDA. :func:`decode_hidden`
+composes the same modules (embedding, RoPE, each block's norms, MLA and router, the final norm) and,
+unless the grouped GEMMs apply (CUDA, bf16, sm90+), computes the routed experts with
+:func:`gathered_experts` instead: each (token, expert) pair is a
 gather-multiply-reduce over that expert's weights, which inductor fuses into loops that read only
 the chosen experts (no weight copies, no host sync). That is cheap only for the few tokens of a
 decode step (``T * k`` products of one expert each), which is all it is used for.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.grouped_experts import grouped_mm_usable
 from ..model import Transformer
 from ..model.moe import MoE, RoutedExperts
 
@@ -43,7 +45,10 @@ def decode_hidden(model: Transformer, input_ids: torch.Tensor, positions: torch.
         if isinstance(mlp, MoE):
             flat = x.reshape(-1, x.shape[-1])
             weights, topk = mlp.gate(flat)
-            y = gathered_experts(mlp.experts, flat, weights, topk).view_as(x)
+            if flat.is_cuda and grouped_mm_usable(flat, mlp.experts.gate_proj):
+                y = mlp.experts(flat, weights, topk).view_as(x)           # grouped GEMMs (bf16, sm90+)
+            else:
+                y = gathered_experts(mlp.experts, flat, weights, topk).view_as(x)
             if mlp.shared_experts is not None:
                 y = y + mlp.shared_experts(x)
         else:

@@ -10,7 +10,8 @@ fixed, the whole forward (RMSNorms, MLA projections, the paged-cache write, the 
 kernel, the router and the grouped-GEMM experts) is captured once per bucket and replayed with one
 launch. On the CPU the same buffers run eagerly (which is how the padding logic is tested there) or,
 with ``compile=True``, through ``torch.compile`` of :func:`dsv3.engine.compiled.decode_hidden`, one
-static graph per bucket, which inductor turns into C++.
+graph per bucket, which inductor turns into C++. On CUDA ``compile=True`` compiles the step (Triton
+kernels fusing its elementwise work) and then captures the compiled step in the bucket's CUDA graph.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class CUDAGraphDecoder:
         capture: capture CUDA graphs (default: when the cache is on CUDA). Without it the static
             buffers run eagerly; a capture that fails (an op that syncs with the host) warns once and
             falls back to that.
-        compile: instead of capturing, run the step through ``torch.compile`` (one static graph per
-            bucket; the first step of each bucket pays the compilation).
+        compile: run the step through ``torch.compile`` (one graph per bucket; the first step of each
+            bucket pays the compilation). With ``capture`` too (the default on CUDA) the compiled step
+            is what gets captured: inductor fuses the step's many small kernels, the graph removes
+            their launches.
     """
 
     def __init__(self, model: Transformer, cache: PagedLatentCache, max_num_seqs: int, max_model_len: int,
@@ -45,12 +48,13 @@ class CUDAGraphDecoder:
             raise ValueError(f"need max_num_seqs >= 1 and max_model_len >= 1, got {max_num_seqs}, {max_model_len}")
         self.model, self.cache = model, cache
         dev = cache.kv.device
-        self.capture = (dev.type == "cuda" and not compile) if capture is None else capture
+        self.capture = dev.type == "cuda" if capture is None else capture
         if self.capture and dev.type != "cuda":
             raise ValueError(f"CUDA graphs need the cache on a CUDA device, it is on {dev}")
-        if self.capture and compile:
-            raise ValueError("pick one of capture (CUDA graphs) and compile")
-        self._compiled = torch.compile(self._forward_composed, dynamic=False, fullgraph=True) if compile else None
+        # emulate_precision_casts: round to bf16/fp16 wherever eager does (inductor otherwise keeps fused
+        # intermediates in fp32), so compiled decoding stays as close to the eager engine as it can.
+        self._compiled = (torch.compile(self._forward_composed, dynamic=False, fullgraph=True,
+                                        options={"emulate_precision_casts": True}) if compile else None)
         self.max_num_seqs = max_num_seqs
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.buckets = sorted({b for b in buckets if b < max_num_seqs} | {max_num_seqs})
@@ -121,13 +125,14 @@ class CUDAGraphDecoder:
         # The buffers hold the current step, so these runs do its real work (same latents, same slots).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        step = self._compiled if self._compiled is not None else self._forward
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(b, self.tables[:b])
+            for _ in range(2):                            # (a compiled step compiles here)
+                step(b, self.tables[:b])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._forward(b, self.tables[:b])
+            out = step(b, self.tables[:b])
         self._pool = graph.pool()
         self.graphs[b], self.outputs[b] = graph, out
 
@@ -151,7 +156,7 @@ class CUDAGraphDecoder:
                               "decoding eagerly on static shapes instead", RuntimeWarning, stacklevel=2)
                 torch.cuda.synchronize()
                 self.capture = False
-                return self._forward(b, self.tables[:b, :self.table_width(items)])[:n]
+                return self.run(items)
         self.graphs[b].replay()
         # A copy: the engine keeps hidden states across steps (MTP), the graph overwrites its output.
         return self.outputs[b][:n].clone()

@@ -47,7 +47,8 @@ class LLM:
 
     Decode fast paths (docs/engine-performance.md): ``cuda_graphs=True`` replays captured CUDA graphs
     of static-shape decode steps on a GPU; ``compile=True`` runs those steps through ``torch.compile``
-    (on a CPU about 2x the eager engine, after a one-off compilation per batch bucket).
+    (on a CPU about 2x the eager engine, after a one-off compilation per batch bucket; on CUDA the
+    compiled step is also captured in CUDA graphs).
     """
 
     def __init__(self, model: str | Path | Transformer, tokenizer=None, *, dtype: torch.dtype | str | None = None,
@@ -82,13 +83,12 @@ class LLM:
         self.runner = ModelRunner(self.model, self.cache)
         # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
         # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
-        # compile: the same static-shape decode steps through torch.compile (for CPUs; the first step
-        # of each batch bucket compiles, about a minute or more for a small model on a busy 2-core CPU).
+        # compile: the same static-shape decode steps through torch.compile (the first step of each
+        # batch bucket compiles: 5 s to a few minutes); on CUDA the compiled step is then captured.
         if cuda_graphs or compile:
             from .cuda_graph import CUDAGraphDecoder
             self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
-                                                  capture=self.device.type == "cuda" and not compile,
-                                                  compile=compile)
+                                                  capture=self.device.type == "cuda", compile=compile)
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r}: only None or 'mtp'")
         if speculative == "mtp" and not self.model.mtp:

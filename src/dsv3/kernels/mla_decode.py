@@ -104,7 +104,8 @@ if triton is not None:
             kp = tl.load(KV + slot[:, None] + R + p[None, :], mask=t_ok[:, None] & (p[None, :] < P), other=0.0)  # [BT, BP]
             s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
             s += tl.dot(q_pe, tl.trans(kp), input_precision=PRECISION)                                        # [BH, BT]
-            s = tl.where(t_ok[None, :], s * scale, float("-inf"))
+            # fp32 whatever the scale arrives as (torch.compile passes Python floats as fp64)
+            s = tl.where(t_ok[None, :], (s * scale).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             e = tl.exp(s - m_new[:, None])
