@@ -193,3 +193,14 @@ def test_generate_keeps_fp8_weights_with_keep_fp8(model_dir, capsys, tmp_path):
     assert len(kept[0]["token_ids"]) == 6
     llm = LLM(fp8_dir, keep_fp8=True)
     assert any(p.dtype == torch.float8_e4m3fn for p in llm.model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_generate_compile_equals_eager_greedy(model_dir, capsys):
+    """`--compile`: torch.compile'd decode steps give the eager engine's greedy tokens."""
+    argv = ["generate", "--model", model_dir, "--prompt", "the engine", "--prompt", "def step(", "--json",
+            "--max-tokens", "6", "--temperature", "0"]
+    eager = run_json_lines(capsys, argv)
+    compiled = run_json_lines(capsys, argv + ["--compile"])
+    assert [r["token_ids"] for r in compiled] == [r["token_ids"] for r in eager]
+
