@@ -92,8 +92,8 @@ class CUDAGraphDecoder:
         """Block-table columns an uncaptured step reads: the longest table among ``items``, at least 2.
 
         The CPU reference attention reads every slot of every column, so a step must not read
-        ``max_model_len`` worth of slots when the sequences are short (the default 2048 made a
-        compiled tiny-model step 10x slower than needed). The floor of 2 keeps the width symbolic in
+        ``max_model_len`` worth of slots when the sequences are short (with the default 2048, every
+        step read 2,048 slots per row and layer). The floor of 2 keeps the width symbolic in
         the compiled graph (torch.compile specializes sizes 0 and 1), so one graph per batch bucket
         serves every width. CUDA graphs keep the full width: their addresses and shapes are fixed, and
         the Triton kernel stops at each row's context length anyway.

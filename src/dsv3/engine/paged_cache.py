@@ -80,7 +80,8 @@ class PagedBatch:
         new = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(self.cache.kv.dtype)     # [N, r+rope]
         # One write into the whole [layers, slots, r+rope] tensor by (layer, slot) index: torch.compile
         # keeps it in place. The same write through the per-layer view made inductor copy the entire
-        # cache every step (functionalized view mutation): 224 ms a step at 2048 x 32 slots.
+        # cache every step (functionalized view mutation): with max_model_len 2048 a compiled tiny-model
+        # step at batch 8 took 122 ms instead of 6.6 ms.
         layer = torch.full_like(self.write_slots, mla.layer_idx)
         self.cache.kv.index_put_((layer, self.write_slots), new)
         kv = self.cache.kv[mla.layer_idx]                                        # [slots, r+rope]
