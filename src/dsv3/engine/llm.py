@@ -10,6 +10,7 @@ Requests join and leave the running batch independently; each step runs every ru
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
@@ -96,6 +97,12 @@ class LLM:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
+        if self.num_spec and (compile or cuda_graphs):
+            # Static steps take one token per sequence; verification rows and MTP drafts run eagerly.
+            warnings.warn("speculative='mtp' verifies and drafts with eager steps: only requests that "
+                          "cannot speculate (penalties, logprobs) use the compiled/captured decode steps; "
+                          "on small models plain decoding with compile=True is faster", RuntimeWarning,
+                          stacklevel=2)
         self._spec_counts = {"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
