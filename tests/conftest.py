@@ -1,11 +1,14 @@
-"""Shared test helpers: a tiny random-test config with every V3 feature switched on.
+"""Shared test helpers: a tiny random-test config with every V3 feature switched on, weights far
+from near-tied logits, a tiny chat checkpoint with its own tokenizer, and a one-thread fixture.
 
-Import it as ``from conftest import tiny_config`` or ask for the ``tiny_config`` fixture (a factory).
+Import them as ``from conftest import tiny_config, far_from_ties_, chat_checkpoint`` or ask for the
+``tiny_config`` fixture (a factory) or the ``one_thread`` fixture.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsv3 import ModelConfig
 
@@ -33,3 +36,45 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture(name="tiny_config")
 def tiny_config_fixture():
     return tiny_config
+
+
+def far_from_ties_(model: torch.nn.Module) -> torch.nn.Module:
+    """Large random weights in place (matrices N(0, 0.3), vectors 1 + N(0, 0.1)): greedy decoding then
+    sits far from near-tied logits, so token-for-token comparisons between implementations hold."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    return model
+
+
+# What the small BPE tokenizers of the CLI and server tests learn from: prose and a little code.
+CHAT_WORDS = ("the engine reads a prompt and writes one token at a time while the latent cache keeps every "
+              "position of every sequence so that no key is ever computed twice").split()
+_CHAT_CODE = "def step(self, batch):\n    for seq in batch:\n        seq.output.append(token)\n    return batch\n"
+CHAT_TEXT = ("\n".join(" ".join(CHAT_WORDS[(7 * i + 3 * j) % len(CHAT_WORDS)] for j in range(11)) for i in range(50))
+             + _CHAT_CODE * 10)
+
+
+def chat_checkpoint(path, **overrides) -> str:
+    """A tiny random V3 (one MTP module, weights far from ties) saved in ``path`` together with a
+    ~300-id BPE tokenizer trained on ``CHAT_TEXT``; ``overrides`` go to :func:`tiny_config`."""
+    import dsv3
+    from dsv3.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    model = far_from_ties_(dsv3.Transformer(tiny_config(vocab_size=tok.vocab_size, **overrides)))
+    dsv3.save_pretrained(model, path)
+    tok.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: its ops are tiny, and on a busy 2-core machine a second intra-op
+    thread that must meet the first at every op can stall each one for a scheduler time slice (10x
+    slower tests); also the same kernels as single-threaded workers. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

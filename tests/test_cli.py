@@ -5,21 +5,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import dsv3.cli
 from dsv3 import CheckpointError, preset
 from dsv3.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The --forward runs are tiny; with the suite's parallel workers on few cores, extra intra-op
-    # threads only contend (a 10 ms forward can take seconds). Restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The --forward runs are tiny; with the suite's parallel workers on few cores extra intra-op threads
+# only contend (a 10 ms forward can take seconds).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_error(capsys, argv):

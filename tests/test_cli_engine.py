@@ -7,47 +7,22 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import chat_checkpoint
 
 import dsv3
 from dsv3.cli import main
 from dsv3.engine import LLM, SamplingParams
-from dsv3.tokenizer import train_tokenizer
 
 # Speculative decoding arrives with `LLM(..., speculative="mtp")`; its tests wait for it.
 HAS_SPEC = "speculative" in inspect.signature(LLM.__init__).parameters
 needs_spec = pytest.mark.skipif(not HAS_SPEC, reason="this dsv3.LLM has no speculative decoding yet")
-
-_WORDS = ("the engine reads a prompt and writes one token at a time while the latent cache keeps every "
-          "position of every sequence so that no key is ever computed twice").split()
-_CODE = "def step(self, batch):\n    for seq in batch:\n        seq.output.append(token)\n    return batch\n"
-TEXT = "\n".join(" ".join(_WORDS[(7 * i + 3 * j) % len(_WORDS)] for j in range(11)) for i in range(50)) + _CODE * 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a busy 2-core machine a second thread that must meet the first at every op
-    can stall each tiny op for a scheduler time slice (10x slower tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random V3 (with one MTP module) whose vocabulary is a ~300-id BPE tokenizer's, saved together."""
-    tok = train_tokenizer([TEXT], vocab_size=300)
-    cfg = tiny_config(vocab_size=tok.vocab_size)
-    torch.manual_seed(0)
-    model = dsv3.Transformer(cfg)
-    with torch.no_grad():  # weights large enough that greedy decoding is far from ties
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
-    d = tmp_path_factory.mktemp("tiny-chat")
-    dsv3.save_pretrained(model, d)
-    tok.save(d)
-    return str(d)
+    return chat_checkpoint(tmp_path_factory.mktemp("tiny-chat"))
 
 
 def run_json_lines(capsys, argv: list[str]) -> list[dict]:

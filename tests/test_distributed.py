@@ -227,15 +227,6 @@ def test_node_limited_routing_reaches_at_most_topk_group_ranks():
     assert ranks_per_token(torch.tensor([[0, 3], [1, 6], [7, 4]]), 8, 2).tolist() == [1, 2, 1]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, like the workers: the same kernels on both sides, and no spinning threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thread):
     import torch.multiprocessing as mp
     # single-process reference, and its step-2 checkpoint for the workers to resume at 2 ranks

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import far_from_ties_
 
 import dsv3
 from dsv3.engine.block_manager import BlockManager
@@ -24,11 +25,7 @@ def random_checkpoint(path, mtp_layers: int, seed: int):
         v_head_dim=12, first_k_dense_replace=1, num_nextn_predict_layers=mtp_layers, max_position_embeddings=256,
         torch_dtype="float32"))
     torch.manual_seed(seed)
-    m = dsv3.Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
-    dsv3.save_pretrained(m, path)
+    dsv3.save_pretrained(far_from_ties_(dsv3.Transformer(cfg)), path)
     return path
 
 

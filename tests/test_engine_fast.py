@@ -18,6 +18,7 @@ from dsv3.engine.cuda_graph import CUDAGraphDecoder
 from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.sample import generate
+from conftest import far_from_ties_
 from test_engine import PROMPTS, random_checkpoint
 
 
@@ -200,10 +201,7 @@ def test_compiled_decode_steps_equal_plain_engine(tiny_config):
     import dsv3
 
     torch.manual_seed(1)
-    model = dsv3.Transformer(tiny_config(num_nextn_predict_layers=0)).eval()   # 1 dense + 1 MoE layer
-    with torch.no_grad():                              # large weights: greedy decoding far from ties
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    model = far_from_ties_(dsv3.Transformer(tiny_config(num_nextn_predict_layers=0)).eval())   # 1 dense + 1 MoE
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     plain = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1).generate([PROMPTS[2]], greedy)
     llm = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1, compile=True)

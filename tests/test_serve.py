@@ -19,43 +19,20 @@ import time
 import httpx
 import openai
 import pytest
-import torch
-from conftest import tiny_config
+from conftest import CHAT_WORDS, chat_checkpoint
 from pydantic import BaseModel, Field
 
-import dsv3
 from dsv3.engine import LLM, SamplingParams
-from dsv3.tokenizer import THINK_END, train_tokenizer
+from dsv3.tokenizer import THINK_END
 
-_WORDS = ("the engine reads a prompt and writes one token at a time while the latent cache keeps every "
-          "position of every sequence so that no key is ever computed twice").split()
-_CODE = "def step(self, batch):\n    for seq in batch:\n        seq.output.append(token)\n    return batch\n"
-TEXT = "\n".join(" ".join(_WORDS[(7 * i + 3 * j) % len(_WORDS)] for j in range(11)) for i in range(50)) + _CODE * 10
 CONTEXT = 1024
 API_KEY = "sk-test-123"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = train_tokenizer([TEXT], vocab_size=300)
-    cfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=CONTEXT)
-    torch.manual_seed(0)
-    model = dsv3.Transformer(cfg)
-    with torch.no_grad():  # weights large enough that greedy decoding is far from ties
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
-    d = tmp_path_factory.mktemp("serve-ckpt")
-    dsv3.save_pretrained(model, d)
-    tok.save(d)
-    return str(d)
+    return chat_checkpoint(tmp_path_factory.mktemp("serve-ckpt"), max_position_embeddings=CONTEXT)
 
 
 def _free_port() -> int:
@@ -366,7 +343,7 @@ def test_completion_errors_and_unknown_route(client, server):
 # ------------------------------------------------------------------------------------ load
 def test_64_concurrent_streams(server, llm):
     tok = llm.tokenizer
-    prompts = [" ".join(_WORDS[i % len(_WORDS): i % len(_WORDS) + 1 + i % 5]) for i in range(64)]
+    prompts = [" ".join(CHAT_WORDS[i % len(CHAT_WORDS): i % len(CHAT_WORDS) + 1 + i % 5]) for i in range(64)]
     expected = _expected(llm, [[tok.bos_id] + tok.encode(p) for p in prompts], 6)
     client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import far_from_ties_, tiny_config
 from pydantic import BaseModel, Field
 
 import dsv3
@@ -20,16 +20,9 @@ from dsv3.serve.tools import ChatOutputParser, check_tools, tool_choice_of
 from dsv3.tokenizer import (EOS_TOKEN, THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
                             TOOL_SEP, parse_tool_calls, train_tokenizer)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = ("the engine reads a prompt and writes one token at a time {\"key\": [1, 2.5, true, null]}\n" * 40
         + "def step(self, batch):\n    return batch\n" * 20)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +34,7 @@ def tok():
 def llm(tok):
     cfg = tiny_config(vocab_size=tok.vocab_size + 8, max_position_embeddings=2048)   # padded vocab, like V2/V3
     torch.manual_seed(0)
-    model = dsv3.Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    model = far_from_ties_(dsv3.Transformer(cfg))
     return LLM(model, tokenizer=tok, max_model_len=2048, max_num_seqs=8)
 
 
