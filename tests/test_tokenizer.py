@@ -282,6 +282,24 @@ CONVERSATIONS = {
         {"role": "assistant", "content": None, "tool_calls": CALLS[:1]},
         {"role": "tool", "content": '{"temp": 21}'},
     ],
+    # Fields left out rather than null: an assistant tool-call turn without content, a call without
+    # type or arguments, a tool result and a system message without content, no reasoning anywhere.
+    "absent_fields": [
+        {"role": "system"},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather"}}, CALLS[1]]},
+        {"role": "tool", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Done."},
+    ],
+    # Reasoning under the other names transformers accepts; the first non-null one wins, and an
+    # embedded REASONING</think> only counts when none is given.
+    "reasoning_aliases": [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A1", "thinking": "via thinking"},
+        {"role": "assistant", "content": "A2", "reasoning_content": None, "reasoning": "via reasoning"},
+        {"role": "assistant", "content": "inline</think>A3", "reasoning_content": ""},
+        {"role": "assistant", "content": "inline</think>A4"},
+    ],
 }
 
 
@@ -342,10 +360,13 @@ def test_jinja_template_matches_python(hf, tok, name, thinking):
 
 _piece = st.one_of(st.text(max_size=6), st.sampled_from(["<think>", "</think>", " ", "\n", "\u3000", "\t"]))
 _content = st.lists(_piece, max_size=6).map("".join)
+_maybe = st.one_of(st.none(), _content)
+# Every field but the role may be absent, null or a string (absent and null read differently in Jinja).
 _message = st.one_of(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "tool"]), "content": _content}),
-    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.one_of(st.none(), _content)},
-                          optional={"reasoning_content": _content}),
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "tool"])}, optional={"content": _maybe}),
+    st.fixed_dictionaries({"role": st.just("assistant")},
+                          optional={"content": _maybe, "reasoning_content": _maybe, "thinking": _maybe,
+                                    "reasoning": _maybe}),
 )
 
 
@@ -355,6 +376,113 @@ def test_jinja_template_matches_python_on_random_chats(hf, msgs, agp, thinking):
     # Random whitespace and think tags around the split points are where the two could drift.
     ours = T.render_chat_text(msgs, add_generation_prompt=agp, thinking=thinking)
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, thinking=thinking) == ours
+
+
+# A second Jinja engine: minijinja (Rust), as used by Hugging Face's TGI. Its Python-compatible string
+# methods are on by default; raise_exception is the one global every chat template assumes.
+def _minijinja_render(msgs, tools=None, agp=False, thinking=False) -> str:
+    minijinja = pytest.importorskip("minijinja")
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = minijinja.Environment(trim_blocks=True, lstrip_blocks=True, globals={"raise_exception": raise_exception})
+    return env.render_str(T.CHAT_TEMPLATE, messages=msgs, tools=tools, add_generation_prompt=agp,
+                          thinking=thinking)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("thinking", [False, True])
+def test_template_renders_the_same_in_minijinja(name, thinking):
+    # The tool schemas and arguments here hold no <, >, & or ': minijinja's tojson escapes those
+    # as \u003c... (HTML-safe), where transformers' tojson keeps them.
+    msgs = CONVERSATIONS[name]
+    for agp in (False, True):
+        for tools in (None, TOOLS):
+            assert _minijinja_render(msgs, tools, agp, thinking) == T.render_chat_text(msgs, agp, thinking, tools)
+
+
+@settings(FAST, max_examples=40)
+@given(st.lists(_message, min_size=1, max_size=7), st.booleans(), st.booleans())
+def test_template_renders_the_same_in_minijinja_on_random_chats(msgs, agp, thinking):
+    assert _minijinja_render(msgs, None, agp, thinking) == T.render_chat_text(msgs, agp, thinking)
+
+
+class _Probe(dict):
+    """A message that records which fields a template reads by subscript (``m['k']`` or ``m.k``).
+
+    llama.cpp's template engine works out what a template supports this way: it renders the template
+    over probe conversations and looks at which message fields were read. ``m.get('k')`` and
+    ``'k' in m`` don't count as reads there, and don't call ``__getitem__`` here either.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _probe(x):
+    if isinstance(x, dict):
+        return _Probe({k: _probe(v) for k, v in x.items()})
+    if isinstance(x, list):
+        return [_probe(v) for v in x]
+    return x
+
+
+def _render_probe(msgs, tools=None, **kw) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
+    env.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(ValueError(message))
+    return env.from_string(T.CHAT_TEMPLATE).render(messages=msgs, tools=tools, add_generation_prompt=True,
+                                                   bos_token="", eos_token="", **kw)
+
+
+def test_template_reads_fields_the_way_llama_cpp_detects_roles():
+    # The probe conversations llama.cpp renders (common/jinja/caps.cpp), with the question each answers.
+    # System role: is messages[0]['content'] read? If not, llama-server folds the system prompt into
+    # the first user turn.
+    system = _probe([{"role": "system", "content": "System message"}, {"role": "user", "content": "User message"}])
+    assert "System message" in _render_probe(system)
+    assert "content" in system[0].read
+    # Tool calls: is messages[1]['tool_calls'] read, and the second call's 'function' (parallel calls)?
+    calls = [{"id": f"call0000{i}", "type": "function", "function": {"name": "tool1", "arguments": {"arg": "value"}}}
+             for i in (1, 2)]
+    tools_chat = _probe([
+        {"role": "user", "content": "User message"},
+        {"role": "assistant", "content": "Assistant message", "tool_calls": calls},
+        {"role": "tool", "content": "Tool response", "tool_call_id": "call00001"},
+        {"role": "assistant", "content": "The tool response was 'tool response'"},
+        {"role": "user", "content": "User message"},
+    ])
+    tool_schema = [{"type": "function", "function": {"name": "tool1", "description": "Tool description",
+                                                     "parameters": {"type": "object"}}}]
+    out = _render_probe(tools_chat, tools=tool_schema)
+    assert "tool_calls" in tools_chat[1].read
+    assert "function" in tools_chat[1]["tool_calls"][1].read
+    assert out.count(T.TOOL_CALL_BEGIN + "function" + T.TOOL_SEP + "tool1") == 2 and "Tool response" in out
+    assert all("content" in m.read for m in tools_chat)
+    # Reasoning in history: our format drops it (V3.1), so the template must not read it there;
+    # llama.cpp would otherwise send it back in every later request for nothing.
+    history = _probe([{"role": "user", "content": "User message"},
+                      {"role": "assistant", "content": "Assistant message", "reasoning_content": "Reasoning"},
+                      {"role": "user", "content": "User message"}])
+    assert "Reasoning" not in _render_probe(history, thinking=True)
+    assert "reasoning_content" not in history[1].read
+    # ...but the turn being continued in thinking mode shows it, read by subscript too.
+    current = _probe([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "R"}])
+    assert "<think>R</think>A" in _render_probe(current, thinking=True)
+    assert "reasoning_content" in current[1].read
+
+
+def test_template_never_reads_message_fields_with_get():
+    # The cheap form of the check above, over the whole template: no dict .get() anywhere.
+    assert ".get(" not in T.CHAT_TEMPLATE
 
 
 def test_chat_content_cannot_inject_specials(tok):

@@ -555,15 +555,24 @@ def render_chat_text(
 # The Jinja transcription of _chat_pieces, saved as tokenizer_config.json's chat_template. It is
 # rendered by transformers with trim_blocks/lstrip_blocks; every tag strips whitespace ("-") and all
 # output comes from {{ }} so the layout of this source doesn't leak into the text.
+# Message fields are read by subscript (m['content'], guarded with `'key' in m` where a field may be
+# absent), never with m.get(): llama.cpp's template engine learns which roles and fields a template
+# supports by running it on probe messages and recording which fields it subscripted; a field read
+# through .get() counts as unread, and llama-server then folds the system message into the user
+# turn and drops tool calls. Reasoning is read only for the turns that show it, so the same probe
+# rightly finds that history reasoning is not kept. Only filters and string methods that the
+# common engines share (transformers' jinja2, minijinja, llama.cpp) are used: split() without a
+# maxsplit (older llama.cpp ignores it), join, strip/lstrip, startswith, slicing, tojson.
 CHAT_TEMPLATE = r"""{#- dsv3 chat template: renders exactly what dsv3.tokenizer.render_chat_text renders. -#}
 {%- set thinking = thinking | default(false) -%}
 {%- set add_generation_prompt = add_generation_prompt | default(false) -%}
-{%- set ns = namespace(system='', has_system=false, last_user=-1, in_outputs=false, tool_text='') -%}
+{%- set ns = namespace(system='', has_system=false, last_user=-1, in_outputs=false, tool_text='',
+                       reasoning='', found=false) -%}
 {%- for m in messages -%}
-  {%- if m.get('role') == 'system' -%}
-    {%- set ns.system = (ns.system ~ '\n\n' if ns.has_system else '') ~ (m.get('content') or '') -%}
+  {%- if m['role'] == 'system' -%}
+    {%- set ns.system = (ns.system ~ '\n\n' if ns.has_system else '') ~ ((m['content'] if 'content' in m else none) or '') -%}
     {%- set ns.has_system = true -%}
-  {%- elif m.get('role') == 'user' -%}
+  {%- elif m['role'] == 'user' -%}
     {%- set ns.last_user = loop.index0 -%}
   {%- endif -%}
 {%- endfor -%}
@@ -576,53 +585,62 @@ CHAT_TEMPLATE = r"""{#- dsv3 chat template: renders exactly what dsv3.tokenizer.
 {%- endif -%}
 {{- '<｜begin▁of▁sentence｜>' ~ ns.system -}}
 {%- for m in messages -%}
-  {%- if ns.in_outputs and m.get('role') != 'tool' -%}
+  {%- if ns.in_outputs and m['role'] != 'tool' -%}
     {{- '<｜tool▁outputs▁end｜>' -}}
     {%- set ns.in_outputs = false -%}
   {%- endif -%}
-  {%- if m.get('role') == 'system' -%}
-  {%- elif m.get('role') == 'user' -%}
-    {{- '<｜User｜>' ~ (m.get('content') or '') -}}
-  {%- elif m.get('role') == 'assistant' -%}
-    {%- set content = m.get('content') or '' -%}
-    {%- set reasoning = m.get('reasoning_content') or '' -%}
+  {%- if m['role'] == 'system' -%}
+  {%- elif m['role'] == 'user' -%}
+    {{- '<｜User｜>' ~ ((m['content'] if 'content' in m else none) or '') -}}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- set content = (m['content'] if 'content' in m else none) or '' -%}
+    {%- set head = '' -%}
     {%- if '</think>' in content -%}
-      {%- set head = content.split('</think>', 1)[0].strip() -%}
+      {%- set parts = content.split('</think>') -%}
+      {%- set head = parts[0].strip() -%}
       {%- if head.startswith('<think>') -%}
         {%- set head = head[7:].strip() -%}
       {%- endif -%}
-      {%- set content = content.split('</think>', 1)[1].lstrip() -%}
-      {%- set reasoning = reasoning or head -%}
+      {%- set content = (parts[1:] | join('</think>')).lstrip() -%}
     {%- endif -%}
     {{- '<｜Assistant｜>' -}}
     {%- if thinking and loop.index0 > ns.last_user -%}
-      {{- '<think>' ~ reasoning ~ '</think>' -}}
+      {#- the first of reasoning_content / thinking / reasoning that is not null, else the embedded part -#}
+      {%- set ns.reasoning = '' -%}
+      {%- set ns.found = false -%}
+      {%- for key in ['reasoning_content', 'thinking', 'reasoning'] -%}
+        {%- if not ns.found and key in m and m[key] is not none -%}
+          {%- set ns.reasoning = m[key] -%}
+          {%- set ns.found = true -%}
+        {%- endif -%}
+      {%- endfor -%}
+      {{- '<think>' ~ ((ns.reasoning | string if ns.reasoning else '') or head) ~ '</think>' -}}
     {%- else -%}
       {{- '</think>' -}}
     {%- endif -%}
     {{- content -}}
-    {%- if m.get('tool_calls') -%}
+    {%- if 'tool_calls' in m and m['tool_calls'] -%}
       {{- '<｜tool▁calls▁begin｜>' -}}
-      {%- for call in m.get('tool_calls') -%}
-        {%- set fn = call.get('function') or call -%}
-        {%- set args = fn.get('arguments') -%}
+      {%- for call in m['tool_calls'] -%}
+        {%- set fn = (call['function'] if 'function' in call else none) or call -%}
+        {%- set args = fn['arguments'] if 'arguments' in fn else none -%}
         {%- if args is not string -%}
           {%- set args = args | tojson -%}
         {%- endif -%}
-        {{- '<｜tool▁call▁begin｜>' ~ (call.get('type') or 'function') ~ '<｜tool▁sep｜>' -}}
+        {{- '<｜tool▁call▁begin｜>' ~ ((call['type'] if 'type' in call else none) or 'function') ~ '<｜tool▁sep｜>' -}}
         {{- fn['name'] ~ '\n```json\n' ~ args ~ '\n```' ~ '<｜tool▁call▁end｜>' -}}
       {%- endfor -%}
       {{- '<｜tool▁calls▁end｜>' -}}
     {%- endif -%}
     {{- '<｜end▁of▁sentence｜>' -}}
-  {%- elif m.get('role') == 'tool' -%}
+  {%- elif m['role'] == 'tool' -%}
     {%- if not ns.in_outputs -%}
       {{- '<｜tool▁outputs▁begin｜>' -}}
       {%- set ns.in_outputs = true -%}
     {%- endif -%}
-    {{- '<｜tool▁output▁begin｜>' ~ (m.get('content') or '') ~ '<｜tool▁output▁end｜>' -}}
+    {{- '<｜tool▁output▁begin｜>' ~ ((m['content'] if 'content' in m else none) or '') ~ '<｜tool▁output▁end｜>' -}}
   {%- else -%}
-    {{- raise_exception('unknown message role ' ~ m.get('role')) -}}
+    {{- raise_exception('unknown message role ' ~ (m['role'] if 'role' in m else 'none')) -}}
   {%- endif -%}
 {%- endfor -%}
 {%- if ns.in_outputs -%}
