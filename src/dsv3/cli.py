@@ -389,6 +389,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="draft tokens per step with --speculative")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="weights and activations; auto: bfloat16 only on a CPU with bf16 units (AMX / "
+                        "AVX512-BF16) where it measures faster than float32, else float32")
     add_engine_speed_args(p)
 
 
@@ -396,6 +399,9 @@ def add_engine_speed_args(p: argparse.ArgumentParser) -> None:
     """Engine switches shared by ``generate``, ``chat`` and ``serve`` (see docs/engine-performance.md, docs/fp8.md)."""
     p.add_argument("--keep-fp8", action="store_true",
                    help="keep an FP8 checkpoint's weights in FP8 (half the memory of bf16) instead of dequantizing")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="CPU: weight-only quantize the linear layers and routed experts after loading (int8 per "
+                        "output channel, int4 in groups of 32), for faster decoding in less memory")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on CUDA, replay decode steps from captured CUDA graphs (one per batch-size bucket)")
     p.add_argument("--compile", action="store_true",
@@ -406,7 +412,8 @@ def add_engine_speed_args(p: argparse.ArgumentParser) -> None:
 
 def engine_speed_kwargs(args: argparse.Namespace) -> dict:
     """The ``dsv3.LLM`` keyword arguments of the flags added by :func:`add_engine_speed_args`."""
-    return {"keep_fp8": args.keep_fp8, "cuda_graphs": args.cuda_graphs, "compile": args.compile}
+    return {"keep_fp8": args.keep_fp8, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+            "quantize": args.quantize}
 
 
 def _engine_inputs(args: argparse.Namespace):
@@ -450,7 +457,7 @@ def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_
             raise CLIError("--speculative: this version of the engine has no speculative decoding")
         kwargs = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
     try:
-        return LLM(args.model, tokenizer=tokenizer, device=args.device, max_num_seqs=max_num_seqs,
+        return LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=max_num_seqs,
                    max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, **kwargs,
                    **engine_speed_kwargs(args))
     except ValueError as e:

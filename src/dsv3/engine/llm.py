@@ -10,7 +10,6 @@ Requests join and leave the running batch independently; each step runs every ru
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
@@ -50,6 +49,11 @@ class LLM:
     of static-shape decode steps on a GPU; ``compile=True`` runs those steps through ``torch.compile``
     (on a CPU about 2x the eager engine, after a one-off compilation per batch bucket; on CUDA the
     compiled step is also captured in CUDA graphs).
+
+    Precision: ``dtype`` is ``"float32"`` (the default), ``"bfloat16"`` or ``"auto"`` (bf16 only on a
+    CPU with bf16 units where it measures faster, see :func:`dsv3.cpu.auto_dtype`); ``quantize``
+    (``"int8"`` | ``"int4"``, CPU only) stores the linear layers and routed experts weight-only
+    quantized (:func:`dsv3.quant.weight_only.quantize_weight_only`; a model object is quantized in place).
     """
 
     def __init__(self, model: str | Path | Transformer, tokenizer=None, *, dtype: torch.dtype | str | None = None,
@@ -57,13 +61,22 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
                  num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, quantize: str | None = None):
+        if quantize is not None and keep_fp8:
+            raise ValueError("quantize and keep_fp8 are two ways of storing the same weights: choose one")
+        self.quantization = None  # the summary of quantize_weight_only, when quantized
         if isinstance(model, Transformer):
             self.model = model.eval()
+            if quantize is not None:  # in place: the caller's model gets the quantized layers
+                self.quantization = _quantize(self.model, quantize)
         else:
             from ..checkpoint import load_pretrained
+            from ..cpu import resolve_dtype
             # keep_fp8: FP8 checkpoint weights stay float8_e4m3fn + scales (dsv3.quant), half of bf16
-            self.model = load_pretrained(model, dtype=dtype or "float32", device=device, keep_fp8=keep_fp8)
+            self.model = load_pretrained(model, dtype=resolve_dtype(dtype, device) or "float32", device=device,
+                                         keep_fp8=keep_fp8)
+            if quantize is not None:
+                self.quantization = _quantize(self.model, quantize)
             if self.model.embed_tokens.weight.device.type == "cpu":
                 # Our own copy: store Linear weights the way the CPU's GEMMs stream them fastest.
                 column_major_linears(self.model)
@@ -82,14 +95,6 @@ class LLM:
                                       self.model.embed_tokens.weight.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
-        # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
-        # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
-        # compile: the same static-shape decode steps through torch.compile (the first step of each
-        # batch bucket compiles: 5 s to a few minutes); on CUDA the compiled step is then captured.
-        if cuda_graphs or compile:
-            from .cuda_graph import CUDAGraphDecoder
-            self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
-                                                  capture=self.device.type == "cuda", compile=compile)
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r}: only None or 'mtp'")
         if speculative == "mtp" and not self.model.mtp:
@@ -97,12 +102,16 @@ class LLM:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
-        if self.num_spec and (compile or cuda_graphs):
-            # Static steps take one token per sequence; verification rows and MTP drafts run eagerly.
-            warnings.warn("speculative='mtp' verifies and drafts with eager steps: only requests that "
-                          "cannot speculate (penalties, logprobs) use the compiled/captured decode steps; "
-                          "on small models plain decoding with compile=True is faster", RuntimeWarning,
-                          stacklevel=2)
+        # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
+        # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
+        # compile: the same static-shape steps through torch.compile (the first step of each bucket
+        # compiles: 5 s to a few minutes); on CUDA the compiled step is then captured. With MTP
+        # speculation the verification rows (1 + num_spec per sequence) and the drafts run there too.
+        if cuda_graphs or compile:
+            from .cuda_graph import CUDAGraphDecoder
+            self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
+                                                  capture=self.device.type == "cuda", compile=compile,
+                                                  max_query_len=1 + self.num_spec)
         self._spec_counts = {"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
@@ -208,7 +217,8 @@ class LLM:
     def _spec_ok(self, seq: Sequence) -> bool:
         # Penalties change the distribution token by token and logprobs are reported per sampled
         # token; such requests decode one token at a time.
-        return not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
+        return (not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
+                and not seq.params.logit_bias)      # drafts and greedy verification don't see the bias
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """logits [k+1, V] of the main model after the last token and each draft -> tokens to emit."""
@@ -308,6 +318,11 @@ class LLM:
             if len(seq.output) > seen or seq.finished:
                 seen = len(seq.output)
                 yield self.output_of(seq)
+
+
+def _quantize(model: Transformer, scheme: str) -> dict:
+    from ..quant.weight_only import quantize_weight_only
+    return quantize_weight_only(model, scheme)
 
 
 def _apply_processors(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Weight-only int8 / int4 quantization for decoding on a CPU, applied from outside the model.
+
+A decode step of a small batch reads every weight it uses once and does two FLOPs per weight and
+row, so its speed is set by weight bytes: int8 reads 1/4 of fp32's, int4 1/8. Activations stay in
+floating point (weight-only): each layer's weight is stored as integers plus scales and multiplied by
+torch's CPU kernels (``quant/int_weights.py`` has the formats and kernels).
+
+:func:`quantize_weight_only` replaces, by explicit module replacement (``setattr`` on the parent;
+the model's classes are untouched):
+
+- every ``nn.Linear`` of attention (``q_a_proj``/``q_b_proj``/``q_proj``, ``kv_a_proj_with_mqa``,
+  ``o_proj``), of dense MLPs, of shared experts and the MTP ``eh_proj`` -> :class:`Int8Linear` /
+  :class:`Int4Linear`;
+- every routed-experts module (stacked ``gate_proj``/``up_proj``/``down_proj``) ->
+  :class:`~dsv3.quant.weight_only_experts.Int8Experts` / ``Int4Experts``;
+- the ``lm_head`` only with ``head=True``: it is the largest single matrix of a small model (e.g. 25M
+  of the ``small`` preset's ~95M weights a decode step reads), but its error goes straight into the
+  logits (measured in docs/engine-performance.md);
+
+and keeps, in the model's dtype: ``kv_b_proj`` (decoding never calls it: the absorbed attention folds
+its weight into the query and the output, ``MLA.absorbed_weights``), the embedding, norms, and the
+router (its fp32 scores choose the experts).
+
+An int4 layer whose shape the kernel cannot take (``int_weights.check_int4_shape``) falls back to
+int8; the summary lists it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .int_weights import (KernelFormatBuffers, check_int4_shape, int4_linear, int8_linear, kernel_dtype, pack_int4,
+                          quantize_int4, quantize_int8)
+from .weight_only_experts import Int4Experts, Int8Experts
+
+SCHEMES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 32
+# Never replaced: decoding reads this Linear's weight directly (absorbed MLA), it is not called.
+KEEP_LINEARS = ("kv_b_proj",)
+
+
+class Int8Linear(KernelFormatBuffers):
+    """A linear layer with ``weight [out, in]`` int8 and ``weight_scale [out]`` (per output channel)."""
+
+    _kernel_buffers = ("weight", "weight_scale")
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_int8(w)
+        self.register_buffer("weight", q)                                              # [out, in] int8
+        self.register_buffer("weight_scale", scale.to(kernel_dtype(w.device, w.dtype)))   # [out]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int4Linear(KernelFormatBuffers):
+    """A linear layer with int4 weights in groups of ``group_size`` input channels (the CPU kernel's
+    packed layout: ``weight [out, in/2]`` uint8, ``scale_and_zeros [in/g, out, 2]``)."""
+
+    _kernel_buffers = ("weight", "scale_and_zeros")
+
+    def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__()
+        w = linear.weight
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        packed, sz = pack_int4(*quantize_int4(w, group_size), dtype=kernel_dtype(w.device, w.dtype))
+        self.register_buffer("weight", packed)                                          # [out, in/2] uint8
+        self.register_buffer("scale_and_zeros", sz)                                     # [in/g, out, 2]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return int4_linear(x, self.weight, self.scale_and_zeros, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4, group={self.group_size}")
+
+
+def _is_stacked_experts(module: nn.Module) -> bool:
+    """An experts module holding stacked ``gate_proj``/``up_proj`` [E, I, D] and ``down_proj`` [E, D, I]
+    (``RoutedExperts`` and the implementations that take over its Parameters)."""
+    ts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    return all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in ts)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+                         head: bool = False) -> dict:
+    """Replace ``model``'s linear layers and routed experts by ``scheme`` (``int8`` | ``int4``) ones, in place.
+
+    group_size: int4's input channels per scale (32, 64, 128 or 256). head: also quantize ``lm_head``.
+    The model must be on the CPU (the kernels are torch's CPU ones) and is meant for inference only
+    (the new layers hold buffers, not Parameters). Returns a summary: the scheme, the replaced module
+    names by kind, int4 layers that fell back to int8 (with the reason) and the weight bytes before
+    and after.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize={scheme!r}: must be one of {', '.join(SCHEMES)}")
+    if scheme == "int4":
+        why = check_int4_shape(16, group_size, group_size)
+        if why:
+            raise ValueError(f"int4 group_size={group_size}: {why}")
+    params = list(model.parameters())
+    if params and params[0].device.type != "cpu":
+        raise ValueError(f"weight-only {scheme} runs torch's CPU kernels; the model is on {params[0].device}")
+    before = _weight_bytes(model)
+    summary: dict = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "head": head,
+                     "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            if type(module) is nn.Linear:
+                if child in KEEP_LINEARS or (name == "lm_head" and not head):
+                    summary["kept"].append(name)
+                    continue
+                new, why = _linear(module, scheme, group_size)
+                summary["linear"].append(name)
+            elif _is_stacked_experts(module):
+                new, why = _experts(module, scheme, group_size)
+                summary["experts"].append(name)
+            else:
+                continue
+            if why:
+                summary["int8_fallback"][name] = why
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    summary["bytes_before"], summary["bytes_after"] = before, _weight_bytes(model)
+    return summary
+
+
+def _linear(linear: nn.Linear, scheme: str, group_size: int) -> tuple[nn.Module, str | None]:
+    if scheme == "int4":
+        why = check_int4_shape(linear.out_features, linear.in_features, group_size)
+        if why is None:
+            return Int4Linear(linear, group_size), None
+        return Int8Linear(linear), why
+    return Int8Linear(linear), None
+
+
+def _experts(experts: nn.Module, scheme: str, group_size: int) -> tuple[nn.Module, str | None]:
+    if scheme == "int4":
+        E, inter, hidden = experts.gate_proj.shape
+        why = check_int4_shape(2 * inter, hidden, group_size) or check_int4_shape(hidden, inter, group_size)
+        if why is None:
+            return Int4Experts(experts, group_size), None
+        return Int8Experts(experts), why
+    return Int8Experts(experts), None

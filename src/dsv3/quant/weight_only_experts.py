@@ -1,0 +1,150 @@
+"""Routed experts with weight-only int8 / int4 weights, for decoding on a CPU.
+
+Same contract as every experts module (``model/moe.py``: ``forward(x [T, D], weights [T, k] fp32,
+topk [T, k] int64) -> [T, D]``), put in place from outside as ``model.layers[i].mlp.experts = ...``
+(:func:`dsv3.quant.weight_only.quantize_weight_only`).
+
+Per expert ``e`` the gate and up projections are stored as one ``[2I, D]`` matrix (one kernel call
+gives both halves), the down projection as ``[D, I]``; experts are stacked along dim 0:
+
+    int8: gate_up [E, 2I, D] int8 + scale [E, 2I];  down [E, D, I] int8 + scale [E, D]
+    int4: gate_up [E, 2I, D/2] uint8 (two codes a byte) + scale_and_zeros [E, D/g, 2I, 2]; down likewise
+
+Forward: token slots are grouped by expert, and each expert that received tokens runs
+``down(silu(gate) * up * route_w)`` through torch's weight-only GEMM kernels (``quant/int_weights.py``)
+once on all its tokens, reading its weights once (1 or 0.5 bytes a weight). The loop needs the
+per-expert counts on the host, so it runs inside a custom op (``dsv3::int8_experts`` /
+``dsv3::int4_experts``): ``torch.compile`` (also ``fullgraph=True``) sees one opaque call with a known
+output shape and compiles the rest of the step around it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .int_weights import (KernelFormatBuffers, check_int4_shape, int4_linear, int8_linear, kernel_dtype, pack_int4,
+                          quantize_int4, quantize_int8)
+
+
+def _expert_loop(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, n_experts: int,
+                 gate_up: Callable[[torch.Tensor, int], torch.Tensor],
+                 down: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``sum_k weights[t, k] * expert_{topk[t, k]}(x[t])`` -> [T, D] in x's dtype, one pass per used expert.
+
+    ``gate_up(chunk [n, D], e) -> [n, 2I]`` and ``down(h [n, I], e) -> [n, D]`` are expert ``e``'s GEMMs.
+    The route weight scales the I-wide hidden state, as the reference does (down is linear).
+    """
+    k = topk.shape[1]
+    flat = topk.flatten()
+    order = flat.argsort(stable=True)                         # token slots grouped by expert
+    token = order // k                                        # [T*k]
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    xs = x.index_select(0, token)                             # [T*k, D]
+    route_w = weights.flatten()[order].unsqueeze(-1).float()  # [T*k, 1]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        gu = gate_up(xs[rows], e).float()                     # [n, 2I]
+        g, u = gu.chunk(2, dim=-1)
+        h = F.silu(g) * u * route_w[rows]                     # [n, I] fp32
+        out.index_add_(0, token[rows], down(h, e).float())    # [n, D]
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("dsv3::int8_experts", mutates_args=())
+def int8_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
+                 gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts with int8 weights (layout in the module docstring) -> [T, D]."""
+    return _expert_loop(x, weights, topk, gate_up.shape[0],
+                        lambda c, e: int8_linear(c, gate_up[e], gate_up_scale[e]),
+                        lambda h, e: int8_linear(h, down[e], down_scale[e]))
+
+
+@int8_experts.register_fake
+def _(x, weights, topk, gate_up, gate_up_scale, down, down_scale):
+    return torch.empty_like(x)                                # [T, D]
+
+
+@torch.library.custom_op("dsv3::int4_experts", mutates_args=())
+def int4_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
+                 gate_up_sz: torch.Tensor, down: torch.Tensor, down_sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Routed SwiGLU experts with int4 weights (layout in the module docstring) -> [T, D]."""
+    return _expert_loop(x, weights, topk, gate_up.shape[0],
+                        lambda c, e: int4_linear(c, gate_up[e], gate_up_sz[e], group_size),
+                        lambda h, e: int4_linear(h, down[e], down_sz[e], group_size))
+
+
+@int4_experts.register_fake
+def _(x, weights, topk, gate_up, gate_up_sz, down, down_sz, group_size):
+    return torch.empty_like(x)                                # [T, D]
+
+
+def stacked_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [E, 2I, D], down [E, D, I]) of an experts module with stacked gate/up/down tensors."""
+    gate, up, down = (getattr(experts, n).detach() for n in ("gate_proj", "up_proj", "down_proj"))
+    if gate.dim() != 3 or gate.shape != up.shape or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1]):
+        raise ValueError(f"expected stacked experts gate/up [E, I, D] and down [E, D, I], got "
+                         f"{tuple(gate.shape)}, {tuple(up.shape)}, {tuple(down.shape)}")
+    return torch.cat([gate, up], dim=1), down
+
+
+class Int8Experts(KernelFormatBuffers):
+    """Routed experts with int8 weights, symmetric per output channel of each expert."""
+
+    _kernel_buffers = ("gate_up", "gate_up_scale", "down", "down_scale")
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        gate_up, down = stacked_weights(experts)
+        cd = kernel_dtype(gate_up.device, gate_up.dtype)
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            qs = [quantize_int8(w[e]) for e in range(w.shape[0])]
+            self.register_buffer(name, torch.stack([q for q, _ in qs]))                   # [E, N, K] int8
+            self.register_buffer(name + "_scale", torch.stack([s for _, s in qs]).to(cd))  # [E, N]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
+        return torch.ops.dsv3.int8_experts(x, weights, topk, self.gate_up, self.gate_up_scale, self.down,
+                                           self.down_scale)
+
+    def extra_repr(self) -> str:
+        E, two_i, hidden = self.gate_up.shape
+        return f"experts={E}, hidden={hidden}, intermediate={two_i // 2}, int8"
+
+
+class Int4Experts(KernelFormatBuffers):
+    """Routed experts with int4 weights, asymmetric per group of ``group_size`` input channels."""
+
+    _kernel_buffers = ("gate_up", "gate_up_sz", "down", "down_sz")
+
+    def __init__(self, experts: nn.Module, group_size: int = 32):
+        super().__init__()
+        gate_up, down = stacked_weights(experts)
+        for w in (gate_up, down):
+            why = check_int4_shape(w.shape[1], w.shape[2], group_size)
+            if why:
+                raise ValueError(f"experts of shape {tuple(w.shape)} cannot be int4: {why}")
+        self.group_size = group_size
+        cd = kernel_dtype(gate_up.device, gate_up.dtype)
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            packed = [pack_int4(*quantize_int4(w[e], group_size), dtype=cd) for e in range(w.shape[0])]
+            self.register_buffer(name, torch.stack([p for p, _ in packed]))               # [E, N, K/2] uint8
+            self.register_buffer(name + "_sz", torch.stack([sz for _, sz in packed]))     # [E, K/g, N, 2]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
+        return torch.ops.dsv3.int4_experts(x, weights, topk, self.gate_up, self.gate_up_sz, self.down,
+                                           self.down_sz, self.group_size)
+
+    def extra_repr(self) -> str:
+        E, two_i, _ = self.gate_up.shape
+        return f"experts={E}, hidden={self.down.shape[1]}, intermediate={two_i // 2}, int4, group={self.group_size}"
+
