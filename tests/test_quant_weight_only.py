@@ -320,3 +320,59 @@ def test_cli_generate_quantized(checkpoint, tmp_path, capsys):
                  "--quantize", "int4", "--dtype", "auto", "--json"]) == 0
     assert '"token_ids"' in capsys.readouterr().out
     shutil.rmtree(path)
+
+
+def test_experiment_quant_reports_every_precision(tmp_path, capsys):
+    import json
+
+    from conftest import CHAT_TEXT, chat_checkpoint
+    from dsv3.cli import main
+    dims = {k: v for k, v in INT4_DIMS.items() if k != "vocab_size"}
+    path = chat_checkpoint(tmp_path / "m", **dims)
+    text = tmp_path / "heldout.txt"
+    text.write_text(CHAT_TEXT)
+    out = tmp_path / "q.json"
+    assert main(["experiment", "quant", "--model", path, "--data", str(text), "--seq-len", "32", "--max-windows", "4",
+                 "--prompts", "2", "--prompt-len", "8", "--gen-len", "6", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in report["results"]}
+    assert list(rows) == ["fp32", "bf16", "int8", "int8+head", "int4", "int4+head"]
+    assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] \
+        < rows["fp32"]["weight_bytes"]
+    for name in ("bf16", "int8", "int4"):
+        r = rows[name]
+        assert 0 <= r["top1_agreement"] <= 1 and r["kl_vs_fp32"] >= 0 and 0 <= r["greedy_common_prefix"] <= 1
+    # bf16 and int8 perturb this model less than int4 (measured on the same windows)
+    assert rows["int8"]["kl_vs_fp32"] < rows["int4"]["kl_vs_fp32"]
+    assert report["cpu"]["torch_cpu_capability"] and "int8+head" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ CPU probe
+def test_cpu_features_reads_flags(tmp_path):
+    from dsv3.cpu import cpu_features
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test Xeon\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile "
+                    "amx_bf16\n\nprocessor\t: 1\nmodel name\t: other\n")
+    f = cpu_features(str(info))
+    assert f["model"] == "Test Xeon" and f["bf16_units"] == ["amx_bf16", "avx512_bf16"]
+    assert f["flags"]["avx2"] and f["flags"]["amx_bf16"] and not f["flags"]["avx512_fp16"]
+    assert cpu_features(str(tmp_path / "missing"))["bf16_units"] == []
+
+
+def test_auto_dtype_needs_bf16_units_and_a_measured_gain(monkeypatch):
+    import dsv3.cpu as cpu
+    monkeypatch.setattr(cpu, "has_bf16_units", lambda: False)
+    monkeypatch.setattr(cpu, "bf16_decode_speedup", lambda: 10.0)
+    assert cpu.auto_dtype("cpu") == torch.float32              # no units: never bf16, whatever a probe says
+    monkeypatch.setattr(cpu, "has_bf16_units", lambda: True)
+    assert cpu.auto_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(cpu, "bf16_decode_speedup", lambda: 0.7)   # units, but plain bf16 GEMVs slower (issue 14)
+    assert cpu.auto_dtype("cpu") == torch.float32
+    assert cpu.resolve_dtype("bfloat16") == torch.bfloat16 and cpu.resolve_dtype(None) is None
+    with pytest.raises(ValueError, match="auto"):
+        cpu.resolve_dtype("int8")
+
+
+def test_bf16_decode_speedup_is_a_positive_ratio():
+    from dsv3.cpu import bf16_decode_speedup
+    assert bf16_decode_speedup(hidden=256, rows=(1,)) > 0

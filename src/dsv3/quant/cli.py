@@ -41,6 +41,28 @@ def add_parsers(subparsers, bench, experiment) -> None:
     e.set_defaults(func=cmd_experiment_fp8, max_steps=60, seq_len=128, eval_every=0, save_every=0,
                    warmup_steps=10)
 
+    q = experiment.add_parser("quant", formatter_class=HelpFormatter,
+                              help="quality of fp32 / bf16 / weight-only int8 / int4 decoding on one checkpoint",
+                              description="Load the checkpoint at each precision and measure, against fp32: "
+                                          "perplexity on held-out text (as dsv3 eval), teacher-forced top-1 "
+                                          "agreement and KL divergence, and greedy agreement of the engine "
+                                          "(identical sequences, common prefix). See docs/engine-performance.md.")
+    q.add_argument("--model", metavar="DIR", required=True, help="checkpoint directory with its tokenizer")
+    q.add_argument("--precisions", nargs="+", default=None, metavar="NAME",
+                   help="fp32, bf16, int8, int8+head, int4, int4+head (default: all; fp32 is always measured)")
+    q.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help="held-out text: files, directories or JSONL ('text'); default: the stdlib val split")
+    q.add_argument("--seq-len", type=positive_int, default=256, help="tokens per perplexity window")
+    q.add_argument("--max-windows", type=positive_int, default=32, help="windows scored (a seeded random subset)")
+    q.add_argument("--prompts", type=positive_int, default=16, help="greedy generations (prompts from the windows)")
+    q.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per greedy prompt")
+    q.add_argument("--gen-len", type=positive_int, default=32, help="greedy tokens per prompt")
+    q.add_argument("--group-size", type=positive_int, default=32, help="int4 input channels per scale")
+    q.add_argument("--seed", type=int, default=0, help="seed of the windows")
+    q.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    q.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    q.set_defaults(func=cmd_experiment_quant)
+
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
@@ -71,4 +93,29 @@ def cmd_experiment_fp8(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     print(format_report(result))
     print(f"written: {out}/fp8_results.json, {out}/fp8_results.md, {out}/fp8.png")
+    return 0
+
+
+def cmd_experiment_quant(args: argparse.Namespace) -> int:
+    import os
+
+    from .quality import DEFAULT_PRECISIONS, format_report, quality_report
+    if not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model}: no such model directory")
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        report = quality_report(args.model, tuple(args.precisions or DEFAULT_PRECISIONS), args.data, args.seq_len,
+                                args.max_windows, args.prompts, args.prompt_len, args.gen_len, args.group_size,
+                                args.seed, log=lambda line: None)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(format_report(report))
+    if args.json:
+        import json
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"written: {args.json}")
     return 0
