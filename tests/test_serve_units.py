@@ -187,7 +187,7 @@ def test_parser_any_chunking(tok):
     groupings = [list(range(1, len(ids))), []]              # token by token; everything in one step
     groupings += [sorted(rng.sample(range(1, len(ids)), k)) for k in (2, 5, 9)]
     for cuts in groupings:
-        parser = ChatOutputParser(tok, thinking=True, parse_tools=True)
+        parser = ChatOutputParser(tok, thinking=True, tool_names=["make_item", "ping"])
         reasoning, content, got = _feed(parser, ids, cuts)
         assert reasoning == "let me think ✓" and content == "calling now"
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls

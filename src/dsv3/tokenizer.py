@@ -95,6 +95,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 # What tokenizer_config.json advertises; V3's own tokenizer_config uses the same value.
 DEFAULT_MODEL_MAX_LENGTH = 131072
 
+# Texts longer than this are encoded through the batch entry point, which releases the GIL.
+_GIL_FREE_CHARS = 4096
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -244,6 +247,10 @@ class Tokenizer:
         """Token ids of ``text``; special-token strings in it are encoded as ordinary text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_CHARS:
+            # The library's single-text entry point holds the GIL for the whole call (seconds for a few
+            # MB, freezing every other thread); its batch entry point releases it, with the same ids.
+            return self._backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -222,7 +222,8 @@ class LLM:
     def _spec_ok(self, seq: Sequence) -> bool:
         # Penalties change the distribution token by token and logprobs are reported per sampled
         # token; such requests decode one token at a time.
-        return not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
+        return (not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
+                and not seq.params.logit_bias)      # drafts and greedy verification don't see the bias
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
         """logits [k+1, V] of the main model after the last token and each draft -> tokens to emit."""

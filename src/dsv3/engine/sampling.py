@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -66,6 +66,9 @@ class SamplingParams:
             this request's next-token logits ``[V]`` before penalties and sampling (e.g. a grammar's
             token mask: disallowed tokens set to ``-inf``). A request with processors is never given
             speculative drafts, since the drafts would skip the processors.
+        logit_bias: OpenAI's: ``{token_id: bias}`` added to those tokens' logits before penalties
+            and sampling (``-100`` all but bans a token, ``100`` all but forces it). Logprobs
+            (``"raw"``) stay those of the model. Such requests get no speculative drafts.
     """
 
     temperature: float = 1.0
@@ -83,6 +86,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     logits_processors: Sequence[Callable] = ()
+    logit_bias: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
         # A lone string is a common slip for a one-element list; splitting it into characters would be
@@ -91,6 +95,12 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.logit_bias is not None:
+            try:
+                bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+            self.logit_bias = bias or None
         self.validate()
 
     def validate(self) -> None:
@@ -120,6 +130,9 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an int, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if tok < 0 or not math.isfinite(bias):
+                raise ValueError(f"logit_bias needs token ids >= 0 and finite biases, got {tok}: {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -239,6 +252,8 @@ def _process(logits: torch.Tensor, params: Sequence[SamplingParams], output_toke
     logits = logits.float()
     batch, vocab = logits.shape
     device = logits.device
+    if any(p.logit_bias for p in params):
+        logits = apply_logit_bias(logits, params)       # on the raw logits, before penalties (as vLLM)
 
     needs_penalty = any(p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
                         for p in params)
@@ -299,6 +314,22 @@ def _process(logits: torch.Tensor, params: Sequence[SamplingParams], output_toke
     drop &= ~greedy.unsqueeze(1)  # greedy rows ignore the filters (and this avoids a mask-index sync)
     drop_vocab = torch.empty_like(drop).scatter_(1, sorted_ids, drop)  # back to token-id order
     return _Processed(penalized, scaled.masked_fill(drop_vocab, float("-inf")), greedy)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``logits`` ``[B, V]`` plus each row's ``logit_bias`` (a new tensor; rows without a bias unchanged)."""
+    rows, cols, values = [], [], []
+    for row, p in enumerate(params):
+        for tok, bias in (p.logit_bias or {}).items():
+            rows.append(row)
+            cols.append(tok)
+            values.append(bias)
+    if not rows:
+        return logits
+    if max(cols) >= logits.shape[-1]:
+        raise ValueError(f"logit_bias names token {max(cols)}, but the vocabulary has {logits.shape[-1]} ids")
+    idx = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put(idx, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
 def _final_probs(proc: _Processed) -> torch.Tensor:
@@ -377,8 +408,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         raise ValueError(f"need one generator (or None) per row: {len(generators)} != {len(params)}")
     if logprobs_mode not in ("raw", "processed"):
         raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
-    if all(p.greedy and p.logprobs is None and not (p.presence_penalty or p.frequency_penalty
-                                                      or p.repetition_penalty != 1) for p in params):
+    if all(p.greedy and p.logprobs is None and not p.logit_bias
+           and not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1) for p in params):
         # Plain greedy rows: the argmax is the answer, no softmax or sort over the vocabulary. Both
         # logprob modes agree here (no penalty, greedy ignores temperature and filters).
         if logits.dim() != 2 or logits.shape[0] != len(params):

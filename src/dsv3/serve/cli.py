@@ -19,9 +19,10 @@ API_KEY_ENV = "DSV3_API_KEY"
 def add_parsers(subparsers, bench, experiment) -> None:
     p = add_command(subparsers, "serve", cmd_serve, help="serve a model over an OpenAI-compatible HTTP API",
                     description="FastAPI + uvicorn server for one checkpoint: /v1/models, /v1/chat/completions "
-                                "(tools, JSON output, thinking), /v1/completions (suffix = fill-in-the-middle), "
-                                "/health, /metrics (Prometheus). All requests share one engine (continuous "
-                                "batching). Binds 127.0.0.1 unless --host says otherwise.")
+                                "(tools, JSON output, thinking), /v1/completions (suffix = fill-in-the-middle, "
+                                "echo + logprobs = prompt scoring), /v1/responses (the Responses API), a chat page "
+                                "at /, /health, /metrics (Prometheus), /openapi.json. All requests share one "
+                                "engine (continuous batching). Binds 127.0.0.1 unless --host says otherwise.")
     p.add_argument("--model", metavar="DIR", required=True,
                    help="checkpoint directory: config.json, safetensors weights and (unless --tokenizer) "
                         "tokenizer.json")
@@ -43,8 +44,7 @@ def add_parsers(subparsers, bench, experiment) -> None:
                    help="latent-cache blocks of 16 tokens (default: enough for --max-num-seqs full contexts)")
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="sequences accepted and unfinished, at most; beyond it requests get 429")
-    p.add_argument("--max-body-bytes", type=positive_int, default=4 * 1024 * 1024,
-                   help="largest request body accepted (413 beyond)")
+    add_limit_args(p)
     p.add_argument("--reasoning", action="store_true",
                    help="thinking mode by default for chat requests (chat_template_kwargs.thinking overrides)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
@@ -88,14 +88,44 @@ def add_parsers(subparsers, bench, experiment) -> None:
     b.set_defaults(func=cmd_bench_serve)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_limit_args(p) -> None:
+    """One flag per :class:`dsv3.serve.limits.Limits` field (the dataclass holds defaults and help)."""
+    from dataclasses import fields
+
+    from .limits import Limits
+
+    g = p.add_argument_group("request limits and timeouts (a request over a limit gets a 4xx naming it)")
+    for f in fields(Limits):
+        g.add_argument(Limits.flag(f.name), dest=f.name, type=positive_int if isinstance(f.default, int)
+                       else _positive_float, default=f.default, help=f.metadata["help"])
+
+
+def limits_of(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from .limits import Limits
+
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from ..config import ModelConfig
     from ..engine import LLM
     from ..tokenizer import Tokenizer, TokenizerError
     from .app import create_app
+    from .transport import serve
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -125,11 +155,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(llm, name, api_key=api_key, max_pending=args.max_queue, max_body_bytes=args.max_body_bytes,
-                     thinking=args.reasoning)
+    limits = limits_of(args)
+    app = create_app(llm, name, api_key=api_key, max_pending=args.max_queue, thinking=args.reasoning, limits=limits)
     print(f"dsv3 serve: http://{args.host}:{args.port}/v1  model {name!r}, context {max_len} tokens, "
-          f"{'API key required' if api_key else 'no API key'}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+          f"{'API key required' if api_key else 'no API key'}; chat page at http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+    serve(app, args.host, args.port, args.log_level, limits.header_timeout, limits.shutdown_timeout)
     return 0
 
 

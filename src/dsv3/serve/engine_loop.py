@@ -10,6 +10,11 @@ to its asyncio queue through ``loop.call_soon_threadsafe``. So ``add_request``, 
 The queue is bounded: :meth:`submit` refuses (:class:`QueueFull`) when ``max_pending`` sequences are
 already accepted and unfinished, and the server answers 429 with ``Retry-After``. A cancelled
 generation (the client went away) is aborted in the engine, which frees its cache blocks.
+
+Prompt scoring (:class:`Scoring`, for ``echo`` with ``logprobs`` on completions) runs on the same
+thread: one forward of at most :data:`SCORE_CHUNK` prompt tokens per loop turn, over a latent cache
+of its own, between engine steps, so a long prompt to score never holds up the running streams for
+more than one chunk.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from .metrics import ServerMetrics
 # How long the idle engine thread sleeps on its command queue before looking again (seconds);
 # any command wakes it at once, this only bounds how late it notices a stop request.
 IDLE_POLL_S = 0.5
+# Prompt tokens scored per forward (one forward per loop turn, between engine steps).
+SCORE_CHUNK = 256
 
 
 class QueueFull(Exception):
@@ -64,6 +71,31 @@ class Generation:
     sent: int = 0                                    # output tokens already handed over
 
 
+@dataclass
+class Scores:
+    """Log-probabilities of a prompt's tokens given the tokens before them (the first has none)."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    error: str | None = None
+
+
+@dataclass
+class Scoring:
+    """One prompt to score; its :class:`Scores` go to ``out`` as ``(tag, Scores)``."""
+
+    prompt_ids: list[int]
+    top: int                                         # alternatives per position (logprobs=N)
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    tag: int = 0
+    cancelled: bool = False
+    done: int = 0                                    # prompt tokens already through the model
+    cache: object = None
+    logprobs: list = field(default_factory=lambda: [None])
+    top_logprobs: list = field(default_factory=lambda: [None])
+
+
 class EngineLoop:
     """Runs ``llm`` on a daemon thread; see the module docstring.
 
@@ -81,6 +113,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._pending = 0
         self._live: dict[int, Generation] = {}          # seq_id -> generation, engine thread only
+        self._scoring: list[Scoring] = []                # engine thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         self.threads = torch.get_num_threads()
@@ -111,10 +144,23 @@ class EngineLoop:
         for g in gens:
             self._commands.put(("add", g))
 
-    def cancel(self, gens: list[Generation]) -> None:
-        """Abort generations whose client is gone (finished ones are left alone)."""
+    def cancel(self, gens: list) -> None:
+        """Abort generations (or scorings) whose client is gone (finished ones are left alone)."""
         for g in gens:
-            self._commands.put(("abort", g))
+            if isinstance(g, Scoring):
+                g.cancelled = True
+            else:
+                self._commands.put(("abort", g))
+
+    def score(self, jobs: list[Scoring]) -> None:
+        """Queue prompts to score (not counted in the bounded queue: they hold no cache blocks)."""
+        for job in jobs:
+            self._commands.put(("score", job))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread.is_alive()
 
     # ------------------------------------------------------------------ engine thread
     def _release(self, n: int = 1) -> None:
@@ -137,6 +183,8 @@ class EngineLoop:
                 self._send(gen, Delta([], [], [], "error", f"{type(e).__name__}: {e}"))
                 return
             self._live[gen.seq.seq_id] = gen
+        elif kind == "score":
+            self._scoring.append(gen)
         elif kind == "abort":
             gen.cancelled = True
             seq = gen.seq
@@ -149,7 +197,7 @@ class EngineLoop:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._stop.is_set():
-                busy = self.llm.scheduler.has_work()
+                busy = self.llm.scheduler.has_work() or bool(self._scoring)
                 try:
                     kind, gen = self._commands.get(block=not busy, timeout=None if busy else IDLE_POLL_S)
                     self._handle(kind, gen)
@@ -158,10 +206,43 @@ class EngineLoop:
                         self._handle(kind, gen)
                 except queue.Empty:
                     pass
+                if self._scoring:
+                    self._score_chunk(self._scoring[0])
                 if self.llm.scheduler.has_work():
                     self._step()
                 else:
                     self._update_gauges(0)
+
+    def _score_chunk(self, job: Scoring) -> None:
+        """One forward of the next prompt chunk; sends the scores when the prompt is done."""
+        if job.cancelled:
+            self._scoring.remove(job)
+            return
+        ids, model = job.prompt_ids, self.llm.model
+        try:
+            if job.cache is None:
+                job.cache = model.new_cache(1, len(ids))
+            start, end = job.done, min(len(ids), job.done + SCORE_CHUNK)
+            x = torch.tensor([ids[start:end]], device=self.llm.device)
+            logp = model(x, start_pos=start, cache=job.cache)[0].float().log_softmax(-1)    # [T, V]
+            targets = ids[start + 1:end + 1]                     # position t scores token t + 1
+            n = len(targets)
+            chosen = logp[:n].gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0]
+            job.logprobs += chosen.tolist()
+            if job.top:
+                values, idx = logp[:n].topk(min(job.top, logp.shape[-1]), dim=-1)
+                job.top_logprobs += [list(zip(i, v)) for i, v in zip(idx.tolist(), values.tolist())]
+            else:
+                job.top_logprobs += [[] for _ in range(n)]
+            job.done = end
+        except Exception as e:                 # a bug: fail this request, keep serving
+            self._scoring.remove(job)
+            job.loop.call_soon_threadsafe(job.out.put_nowait, (job.tag, Scores([], [], f"{type(e).__name__}: {e}")))
+            return
+        if job.done == len(ids):
+            self._scoring.remove(job)
+            job.cache = None
+            job.loop.call_soon_threadsafe(job.out.put_nowait, (job.tag, Scores(job.logprobs, job.top_logprobs)))
 
     def _step(self) -> None:
         try:

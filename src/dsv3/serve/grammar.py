@@ -34,7 +34,14 @@ it (``finish_reason: "length"``), as with OpenAI.
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
@@ -100,20 +107,99 @@ def _utf8_table(pieces: list[bytes], vocab_size: int) -> torch.Tensor:
     return table
 
 
+DEFAULT_CACHE_BYTES = 256 << 20
+# Failed compilations (bad schemas) remembered, so that sending one again costs nothing.
+_FAILED_KEYS = 256
+
+
+def _build(xgr, compiler, spec: tuple) -> Any:
+    """Compile one grammar from its JSON-able description (also run in a forked child).
+
+    ``("json", schema_text | None)``: one JSON value (any object for None); ``("tools", [[name,
+    parameters_text], ...])``: ``NAME\n```json\nARGS\n```` for one of the functions.
+    """
+    kind, body = spec
+    if kind == "json":
+        try:
+            if body is None:
+                grammar = xgr.Grammar.from_json_schema(json.dumps({"type": "object"}), any_whitespace=False,
+                                                       strict_mode=False)
+            else:
+                grammar = xgr.Grammar.from_json_schema(body, any_whitespace=False)
+        except Exception as e:   # xgrammar raises RuntimeError/ValueError subclasses for bad schemas
+            raise APIError(400, f"response_format.json_schema.schema is not a usable JSON schema: {e}",
+                           param="response_format") from None
+        return compiler.compile_grammar(grammar)
+    options = []
+    for name, params in body:
+        try:
+            args = xgr.Grammar.from_json_schema(params, any_whitespace=False)
+        except Exception as e:
+            raise APIError(400, f"tools: parameters of {name!r} are not a usable JSON schema: {e}",
+                           param="tools") from None
+        # Names match [A-Za-z0-9_-]+ (checked by the server), so they are safe inside a literal.
+        head = xgr.Grammar.from_ebnf(f'root ::= "{name}\\n```json\\n"')
+        tail = xgr.Grammar.from_ebnf('root ::= "\\n```"')
+        options.append(xgr.Grammar.concat(head, args, tail))
+    grammar = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
+    return compiler.compile_grammar(grammar)
+
+
+def _read_until(fd: int, deadline: float) -> bytes | None:
+    """Everything written to pipe ``fd`` until its writer closes it, or None at ``deadline``."""
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return None
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 class GrammarBackend:
-    """xgrammar's tokenizer table and compiler for one model, built on first use.
+    """xgrammar's tokenizer table and compiler for one model, built on first use, and a cache of
+    compiled grammars.
 
     Args:
         tokenizer: the model's :class:`dsv3.tokenizer.Tokenizer`.
         vocab_size: the model's ``vocab_size`` (the logits' width; may exceed the tokenizer's).
-        cache_size: compiled grammars kept (keyed by schema / tool list), most recent first.
+        cache_bytes: memory the cached compiled grammars may hold (xgrammar's own estimate); the
+            least recently used go first. This is the only cache (xgrammar's is switched off).
+        compile_timeout: seconds one compilation may take. ``None``: compile in this process, no
+            limit (library use). A number: compile in a forked child process that is killed when
+            time is up (400 naming the limit), so a schema that would compile for a minute or
+            blow up memory costs the server nothing but the budget. Without ``os.fork`` (Windows)
+            the compilation runs here, unbounded.
+        max_compiles: compilations running at once; a request that finds them all busy for
+            longer than ``compile_timeout`` gets a 503.
+
+    Compilations of different grammars run in parallel (no lock is held while one compiles);
+    requests for a grammar that is being compiled wait for that compilation.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 64):
-        self.tokenizer, self.vocab_size, self.cache_size = tokenizer, vocab_size, cache_size
-        self._lock = threading.Lock()
+    def __init__(self, tokenizer, vocab_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 compile_timeout: float | None = None, max_compiles: int = 2):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.cache_bytes, self.compile_timeout = cache_bytes, compile_timeout
+        self._lock = threading.Lock()              # guards the dicts below; never held while compiling
+        self._setup_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_compiles)
         self._compiler = None
-        self._cache: dict[str, Any] = {}
+        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()   # key -> (compiled, bytes)
+        self._cached_bytes = 0
+        self._inflight: dict[str, Future] = {}
+        self._failed: OrderedDict[str, APIError] = OrderedDict()
+        self.compiles = 0                          # compilations started (for tests and metrics)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached compiled grammars hold."""
+        return self._cached_bytes
 
     def _setup(self) -> None:
         import xgrammar as xgr
@@ -126,7 +212,8 @@ class GrammarBackend:
         self._xgr = xgr
         self.info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
                                       stop_token_ids=[tok.eos_id])
-        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        # Our cache below is the only one: xgrammar's would keep every grammar ever compiled.
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         # [V] bool: tokens whose bytes hold a control character other than "\n" (JSON never needs
         # them raw), and the same with "\n" too for plain JSON output.
         pieces = self.info.decoded_vocab                                   # raw bytes of every token
@@ -158,68 +245,145 @@ class GrammarBackend:
         self.special_mask[sorted(tok.special_ids)] = True
         self.special_mask[tok.vocab_size:] = True
 
-    def _compiled(self, key: str, build) -> Any:
-        with self._lock:
+    def ensure_ready(self) -> None:
+        """Build the tokenizer tables now (they are built on first use otherwise)."""
+        with self._setup_lock:
             if self._compiler is None:
                 self._setup()
-            hit = self._cache.pop(key, None)
-            if hit is None:
-                hit = build(self._xgr, self._compiler)
-                if len(self._cache) >= self.cache_size:
-                    self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = hit
-            return hit
+
+    # -------------------------------------------------------------------------------- compiling
+    def _compiled(self, key: str, spec: tuple) -> Any:
+        self.ensure_ready()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit[0]
+            if key in self._failed:
+                raise self._failed[key]
+            pending = self._inflight.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._inflight[key] = Future()
+        if not owner:                  # someone compiles this grammar right now: wait for theirs
+            try:
+                return pending.result(timeout=None if self.compile_timeout is None else 2 * self.compile_timeout)
+            except FutureTimeout:
+                raise self._over_budget() from None
+        try:
+            compiled = self._compile(spec)
+        except APIError as e:
+            with self._lock:
+                self._inflight.pop(key, None)
+                if e.status == 400 and e.code != "limit_exceeded":   # a bad schema stays bad
+                    self._failed[key] = e
+                    while len(self._failed) > _FAILED_KEYS:
+                        self._failed.popitem(last=False)
+            pending.set_exception(e)
+            raise
+        except BaseException as e:
+            with self._lock:
+                self._inflight.pop(key, None)
+            pending.set_exception(e)
+            raise
+        size = int(compiled.memory_size_bytes)
+        with self._lock:
+            self._inflight.pop(key, None)
+            if size <= self.cache_bytes:
+                self._cache[key] = (compiled, size)
+                self._cached_bytes += size
+                while self._cached_bytes > self.cache_bytes:
+                    _, (_, old) = self._cache.popitem(last=False)
+                    self._cached_bytes -= old
+        pending.set_result(compiled)
+        return compiled
+
+    def _over_budget(self) -> APIError:
+        return APIError(400, f"the grammar for this request's schema took longer than {self.compile_timeout:g} s "
+                             "to compile (the server's limit, set by --grammar-timeout); simplify the schema "
+                             "(fewer enum values or properties)", code="limit_exceeded")
+
+    def _compile(self, spec: tuple) -> Any:
+        self.compiles += 1
+        if self.compile_timeout is None or not hasattr(os, "fork"):
+            return _build(self._xgr, self._compiler, spec)
+        deadline = time.monotonic() + self.compile_timeout
+        if not self._slots.acquire(timeout=self.compile_timeout):
+            raise APIError(503, "the server's grammar compilers are all busy; retry shortly", "server_error",
+                           code="compiler_busy", headers={"Retry-After": "1"})
+        try:
+            return self._compile_forked(spec, deadline)
+        finally:
+            self._slots.release()
+
+    def _compile_forked(self, spec: tuple, deadline: float) -> Any:
+        """Compile in a child process forked from this one (it has xgrammar and the tokenizer table
+        already) and read the serialized result back; kill the child at ``deadline``."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the child: compile, write, exit at once
+            try:
+                os.close(read_fd)
+                # A fresh compiler: the parent's may have been mid-compilation in another thread.
+                compiler = self._xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+                payload = b"K" + _build(self._xgr, compiler, spec).serialize_json().encode()
+            except APIError as e:
+                payload = b"E" + e.message.encode("utf-8", "replace")
+            except BaseException as e:                 # noqa: BLE001 - the child must always exit
+                payload = b"E" + f"the grammar could not be compiled ({type(e).__name__})".encode()
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(write_fd, view):]
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        try:
+            data = _read_until(read_fd, deadline)
+        finally:
+            os.close(read_fd)
+            if data is None:
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if data is None:
+            raise self._over_budget()
+        if data[:1] == b"K":
+            return self._xgr.CompiledGrammar.deserialize_json(data[1:].decode(), self.info)
+        message = data[1:].decode("utf-8", "replace") or "the grammar compiler crashed on this schema"
+        param = "tools" if spec[0] == "tools" else "response_format"
+        raise APIError(400, message, param=param)
 
     # -------------------------------------------------------------------------------- factories
     def json_constraint(self, schema: dict | None, thinking: bool = False,
                         max_tokens: int | None = None) -> "JSONConstraint":
         """A constraint for one JSON value: any object (``schema=None``) or one valid under ``schema``."""
-        key = "json:" + (json.dumps(schema, sort_keys=True) if schema is not None else "object")
+        return JSONConstraint(self, self.json_grammar(schema), thinking, max_tokens)
 
-        def build(xgr, compiler):
-            try:
-                if schema is None:
-                    grammar = xgr.Grammar.from_json_schema(json.dumps({"type": "object"}), any_whitespace=False,
-                                                           strict_mode=False)
-                else:
-                    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
-                return compiler.compile_grammar(grammar)
-            except Exception as e:   # xgrammar raises RuntimeError/ValueError subclasses for bad schemas
-                raise APIError(400, f"response_format.json_schema.schema is not a usable JSON schema: {e}",
-                               param="response_format") from None
-
-        compiled = self._compiled(key, build)
-        return JSONConstraint(self, compiled, thinking, max_tokens)
+    def json_grammar(self, schema: dict | None) -> Any:
+        """The compiled grammar of :meth:`json_constraint` (cached); compile it once per request."""
+        text = json.dumps(schema, sort_keys=True) if schema is not None else None
+        return self._compiled("json:" + (text or "object"), ("json", text))
 
     def tool_constraint(self, tools: list[dict], parallel: bool, thinking: bool = False,
-                        max_calls: int = MAX_TOOL_CALLS, max_tokens: int | None = None) -> "ToolCallConstraint":
-        """A constraint forcing a tool-call block that calls functions of ``tools`` with valid arguments."""
-        key = "tools:" + json.dumps([t["function"] for t in tools], sort_keys=True)
-
-        def build(xgr, compiler):
-            options = []
-            for tool in tools:
-                fn = tool["function"]
-                params = fn.get("parameters") or {"type": "object", "properties": {}}
-                try:
-                    args = xgr.Grammar.from_json_schema(json.dumps(params), any_whitespace=False)
-                except Exception as e:
-                    raise APIError(400, f"tools: parameters of {fn['name']!r} are not a usable JSON schema: {e}",
-                                   param="tools") from None
-                # Names match [A-Za-z0-9_-]+ (checked by the server), so they are safe inside a literal.
-                head = xgr.Grammar.from_ebnf(f'root ::= "{fn["name"]}\\n```json\\n"')
-                tail = xgr.Grammar.from_ebnf('root ::= "\\n```"')
-                options.append(xgr.Grammar.concat(head, args, tail))
-            grammar = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
-            return compiler.compile_grammar(grammar)
-
-        compiled = self._compiled(key, build)
+                        max_calls: int = MAX_TOOL_CALLS, max_tokens: int | None = None,
+                        compiled: Any = None) -> "ToolCallConstraint":
+        """A constraint forcing a tool-call block that calls functions of ``tools`` with valid arguments
+        (``compiled``: :meth:`tool_grammar` of the same tools, when the caller has it already)."""
+        if compiled is None:
+            compiled = self.tool_grammar(tools)
         # Tokens a call needs besides its arguments: markers, "function", name and fences, EOS.
         tok = self.tokenizer
         fixed = 5 + len(tok.encode("function")) + len(tok.encode("\n```")) + max(
             len(tok.encode(f"{t['function']['name']}\n```json\n")) for t in tools)
         return ToolCallConstraint(self, compiled, max_calls if parallel else 1, thinking, max_tokens,
                                   reserve=FINISH_MARGIN_TOKENS + fixed)
+
+    def tool_grammar(self, tools: list[dict]) -> Any:
+        """The compiled grammar of :meth:`tool_constraint` (cached)."""
+        body = [[t["function"]["name"], json.dumps(t["function"].get("parameters")
+                                                  or {"type": "object", "properties": {}}, sort_keys=True)]
+                for t in tools]
+        return self._compiled("tools:" + json.dumps(body), ("tools", body))
 
 
 class _Constraint:

@@ -1,16 +1,21 @@
 """Chat requests in, OpenAI chat messages out: tools, tool calls, tool results and thinking.
 
 Input side: :func:`normalize_messages` checks the OpenAI message list (content strings or text parts,
-assistant ``tool_calls``, ``tool`` results) and :func:`check_tools` / :func:`tool_choice_of` the
-``tools`` and ``tool_choice`` fields; the tokenizer's chat template then renders them in the
-DeepSeek-V3 format (schemas in the system part, calls and outputs in their marker blocks).
+assistant ``tool_calls``, ``tool`` results answering one of them by ``tool_call_id``) and
+:func:`check_tools` / :func:`tool_choice_of` the ``tools`` and ``tool_choice`` fields; the
+tokenizer's chat template then renders them in the DeepSeek-V3 format (schemas in the system part,
+calls and outputs in their marker blocks).
 
 Output side: :class:`ChatOutputParser` turns the generated token ids into the reply's parts --
-``reasoning_content`` (thinking mode: everything before ``</think>``), ``content`` and ``tool_calls``
-(the V3 tool-call block, parsed by :func:`dsv3.tokenizer.parse_tool_calls`). It is incremental for
-streaming: fed the growing list of ids, it returns only what is new and certain, so the streamed
-pieces concatenate to exactly the non-streamed reply however the tokens are grouped into steps (a
-whole tool-call block may arrive in one step).
+``reasoning_content`` (thinking mode: the ids before the ``</think>`` id), ``content`` and
+``tool_calls`` (the V3 tool-call block). It works on token ids, never on decoded text: the markers
+are special tokens, and only the ids the model emitted for them count. Ordinary tokens whose text
+spells ``<｜tool▁calls▁begin｜>`` or ``</think>`` are content like any other text, so a reply can't
+forge a tool call or a reasoning split by writing the marker strings, and a call to a function the
+request did not offer is dropped. It is incremental for streaming: fed the growing list of ids, it
+returns only what is new and certain, so the streamed pieces concatenate to exactly the
+non-streamed reply however the tokens are grouped into steps (a whole tool-call block may arrive in
+one step).
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
-from ..tokenizer import SPECIAL_TOKENS, THINK_END, TOOL_CALLS_BEGIN, parse_tool_calls
-from .protocol import APIError
+from ..tokenizer import THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+from .body import json_size_at_most
+from .protocol import APIError, limit_error
+from .schema import check_schema
 
 # OpenAI's rule for function names; it also keeps names safe to embed in a grammar literal.
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# A schema bigger than this (compact JSON) is refused unless the server is told otherwise.
+DEFAULT_MAX_SCHEMA_BYTES = 64 * 1024
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -37,7 +46,8 @@ def _text_of(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text") \
+                    or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise APIError(400, f"{where}.content[{i}]: only text parts are supported, got {kind!r}",
                                param="messages")
@@ -48,8 +58,13 @@ def _text_of(content: Any, where: str) -> str:
 
 
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the tokenizer's message dicts (``developer`` is a system message)."""
+    """OpenAI messages -> the tokenizer's message dicts (``developer`` is a system message).
+
+    A ``tool`` message must answer a call of the latest assistant message with ``tool_calls``: its
+    ``tool_call_id`` must be one of that message's call ids (OpenAI answers 400 otherwise).
+    """
     out = []
+    open_calls: set[str] = set()
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = m.get("role")
@@ -58,14 +73,14 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
                                "content": _text_of(m.get("content"), where)}
         if role == "assistant":
-            for key in ("reasoning_content",):
-                if isinstance(m.get(key), str):
-                    msg[key] = m[key]
+            if isinstance(m.get("reasoning_content"), str):
+                msg["reasoning_content"] = m["reasoning_content"]
             calls = m.get("tool_calls")
             if calls is not None:
                 if not isinstance(calls, list):
                     raise APIError(400, f"{where}.tool_calls must be a list", param="messages")
                 msg["tool_calls"] = []
+                open_calls = set()
                 for j, call in enumerate(calls):
                     fn = call.get("function") if isinstance(call, dict) else None
                     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -74,15 +89,31 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     if not isinstance(args, (str, dict)):
                         raise APIError(400, f"{where}.tool_calls[{j}].function.arguments must be a JSON string",
                                        param="messages")
+                    if isinstance(call.get("id"), str):
+                        open_calls.add(call["id"])
                     msg["tool_calls"].append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise APIError(400, f"{where}: a tool message needs the tool_call_id of the call it answers",
+                               param="messages")
+            if call_id not in open_calls:
+                raise APIError(400, f"{where}.tool_call_id {call_id!r} does not match a tool call of the "
+                                    f"preceding assistant message", param="messages")
         out.append(msg)
     return out
 
 
-def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Validate OpenAI ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``."""
+def check_tools(tools: list[dict[str, Any]] | None, max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES
+                ) -> list[dict[str, Any]]:
+    """Validate OpenAI ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
+
+    Each ``parameters`` must be a JSON schema (:func:`dsv3.serve.schema.check_schema`) of at most
+    ``max_schema_bytes`` as compact JSON, and all tools together at most four times that.
+    """
     if not tools:
         return []
+    total = 0
     for i, tool in enumerate(tools):
         fn = tool.get("function")
         if tool.get("type") != "function" or not isinstance(fn, dict):
@@ -91,9 +122,20 @@ def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if not isinstance(name, str) or not FUNCTION_NAME.match(name):
             raise APIError(400, f"tools[{i}].function.name must match {FUNCTION_NAME.pattern}, got {name!r}",
                            param="tools")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise APIError(400, f"tools[{i}].function.description must be a string", param="tools")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        size = json_size_at_most(tool, max_schema_bytes)
+        if size is None:
+            raise limit_error(f"tools[{i}] is larger than {max_schema_bytes} bytes", "--max-schema-bytes",
+                              param="tools")
+        total += size
+        if total > 4 * max_schema_bytes:
+            raise limit_error(f"tools: together larger than {4 * max_schema_bytes} bytes", "--max-schema-bytes",
+                              param="tools")
+        check_schema(params, f"tools[{i}].function.parameters", "tools")
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: function names must be unique", param="tools")
@@ -137,56 +179,120 @@ class ReplyDelta:
         return bool(self.reasoning or self.content or self.tool_calls)
 
 
-def _strip_specials(text: str) -> str:
-    for tok in SPECIAL_TOKENS:
-        if tok in text:
-            text = text.replace(tok, "")
-    return text
+def _strip_fences(args: str) -> str:
+    args = args.strip()
+    if args.startswith("```"):
+        args = args.partition("\n")[2] if "\n" in args else args[3:]      # the ```json line
+    if args.rstrip().endswith("```"):
+        args = args.rstrip()[:-3]
+    return args.strip()
+
+
+def call_from_text(kind: str, body: str) -> tuple[str, str] | None:
+    """``(name, arguments)`` of one call from the text of its two parts (before and after the
+    ``<｜tool▁sep｜>`` id), or None if it has no name.
+
+    V3 writes ``function`` | ``NAME\\n```json\\nARGS\\n````; also accepted: the fences or the newline
+    missing (``NAME{...}``) and V3.1's ``NAME`` | ``ARGS``.
+    """
+    kind, stripped = kind.strip(), body.strip()
+    if "\n" in stripped:
+        name, _, args = stripped.partition("\n")
+    elif "{" in stripped and kind == "function":
+        cut = stripped.index("{")
+        name, args = stripped[:cut], stripped[cut:]
+    else:
+        name, args = kind, stripped
+    name = name.strip()
+    return (name, _strip_fences(args)) if name else None
 
 
 class ChatOutputParser:
-    """Incremental split of generated ids into reasoning, content and tool calls.
+    """Incremental split of generated ids into reasoning, content and tool calls, by token id.
 
     Args:
         tokenizer: the model's :class:`dsv3.tokenizer.Tokenizer`.
-        thinking: the prompt ended with ``<think>``: text up to ``</think>`` is reasoning.
-        parse_tools: text from ``<｜tool▁calls▁begin｜>`` on is a tool-call block, not content.
+        thinking: the prompt ended with ``<think>``: the ids up to the ``</think>`` id are reasoning.
+        tool_names: the functions the request offered; from the ``<｜tool▁calls▁begin｜>`` id on, the
+            ids form a tool-call block whose calls to these functions become ``tool_calls`` (calls
+            to other names are dropped). Empty or None: no block is parsed (its ids are skipped
+            like other special ids and its text stays content).
         stop: stop strings; the content is cut before the first one.
 
     :meth:`update` takes all ids generated so far and whether generation is over; it re-reads the
-    whole text each time (replies are short next to a forward pass), holding back what could still
-    change: a trailing partial UTF-8 character and a tail that could begin a stop string.
+    whole list each time (replies are short next to a forward pass), holding back what could still
+    change: a trailing partial UTF-8 character and a tail that could begin a stop string. Text is
+    decoded from ordinary ids only; every special id is a boundary or dropped.
     """
 
-    def __init__(self, tokenizer, thinking: bool = False, parse_tools: bool = False, stop: list[str] | None = None):
-        self.tokenizer, self.thinking, self.parse_tools = tokenizer, thinking, parse_tools
+    def __init__(self, tokenizer, thinking: bool = False, tool_names: Collection[str] | None = None,
+                 stop: list[str] | None = None):
+        self.tokenizer, self.thinking = tokenizer, thinking
+        self.tool_names = frozenset(tool_names or ())
         self.stop = list(stop or [])
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._special = tokenizer.special_ids
+        self._think_end = tokenizer.token_id(THINK_END)
+        t = tokenizer.token_id
+        self._calls_begin, self._call_begin, self._sep = t(TOOL_CALLS_BEGIN), t(TOOL_CALL_BEGIN), t(TOOL_SEP)
+        self._call_end, self._calls_end = t(TOOL_CALL_END), t(TOOL_CALLS_END)
         self.reasoning = self.content = ""
         self.tool_calls: list[dict] = []
-        self.stopped = False          # a stop string was found in the content
+        self.dropped_calls: list[str] = []      # names of calls to functions that were not offered
+        self.stopped = False                    # a stop string was found in the content
 
-    def _parts(self, ids: list[int], final: bool) -> tuple[str, str, list[dict], bool]:
-        text = self.tokenizer.decode(ids)
-        if not final:
-            text = text.rstrip("\ufffd")      # the ids end inside a UTF-8 character: wait for the rest
+    def _text(self, ids: list[int], final: bool) -> str:
+        text = self.tokenizer.decode([i for i in ids if i not in self._special])
+        return text if final else text.rstrip("\ufffd")   # ids ending inside a UTF-8 character: wait
+
+    def _calls(self, block: list[int]) -> list[tuple[str, str]]:
+        """Complete calls of a tool-call block (the ids after ``<｜tool▁calls▁begin｜>``)."""
+        calls, current, closed = [], None, False
+        for i in block:
+            if i == self._calls_end:
+                closed = True
+                break
+            if i == self._call_begin:
+                current = []
+            elif i == self._call_end:
+                if current is not None:
+                    calls.append(current)
+                current = None
+            elif current is not None:
+                current.append(i)
+        if closed and current is not None:       # tolerated: the last call's end marker missing
+            calls.append(current)
+        out = []
+        for ids in calls:
+            if self._sep not in ids:
+                continue
+            cut = ids.index(self._sep)
+            call = call_from_text(self._text(ids[:cut], True), self._text(ids[cut + 1:], True))
+            if call is not None:
+                out.append(call)
+        return out
+
+    def _parts(self, ids: list[int], final: bool) -> tuple[str, str, list[tuple[str, str]], bool]:
         if self.thinking:
-            reasoning, sep, rest = text.partition(THINK_END)
-            if not sep:
-                reasoning, rest = text, ""
+            if self._think_end in ids:
+                cut = ids.index(self._think_end)
+                reasoning_ids, rest = ids[:cut], ids[cut + 1:]
+            else:
+                reasoning_ids, rest = ids, []
         else:
-            reasoning, rest = "", text
-        calls: list[dict] = []
-        if self.parse_tools and TOOL_CALLS_BEGIN in rest:
-            rest, calls = parse_tool_calls(rest)
-        reasoning, content = _strip_specials(reasoning), _strip_specials(rest)
+            reasoning_ids, rest = [], ids
+        block: list[int] = []
+        if self.tool_names and self._calls_begin in rest:
+            cut = rest.index(self._calls_begin)
+            rest, block = rest[:cut], rest[cut + 1:]
+        reasoning, content = self._text(reasoning_ids, final), self._text(rest, final)
         stopped = False
         hits = [content.find(s) for s in self.stop if s in content]
         if hits:
             content, stopped = content[: min(hits)], True
-        elif not final and self._hold:
+        elif not final and self._hold and not block:
             content = content[: max(0, len(content) - self._hold)]   # might be the start of a stop string
-        return reasoning, content, calls, stopped
+        return reasoning, content, self._calls(block) if block and not stopped else [], stopped
 
     def update(self, ids: list[int], final: bool = False) -> ReplyDelta:
         """The new reasoning/content text and newly completed tool calls since the last call."""
@@ -198,8 +304,10 @@ class ChatOutputParser:
             delta.reasoning, self.reasoning = reasoning[len(self.reasoning):], reasoning
         if len(content) > len(self.content) and content.startswith(self.content):
             delta.content, self.content = content[len(self.content):], content
-        for call in calls[len(self.tool_calls):]:
-            entry = tool_call_json(len(self.tool_calls), call["name"], call["arguments"])
+        offered = [c for c in calls if c[0] in self.tool_names]
+        self.dropped_calls = [name for name, _ in calls if name not in self.tool_names]
+        for name, arguments in offered[len(self.tool_calls):]:
+            entry = tool_call_json(len(self.tool_calls), name, arguments)
             self.tool_calls.append(entry)
             delta.tool_calls.append(entry)
         self.stopped = stopped
