@@ -80,7 +80,7 @@ def test_sharded_save_writes_index_and_loads(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k]), k
     # re-saving unsharded removes the stale shards and the index
     dsv3.save_pretrained(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_bf16_load_and_save(saved, tmp_path):

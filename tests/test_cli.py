@@ -70,6 +70,19 @@ def test_info_model_dir(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["rope"]["yarn_active"] is True
 
 
+def test_info_warns_about_a_latent_vllm_cannot_serve(tmp_path, capsys):
+    preset("tiny").replace(kv_lora_rank=64, qk_rope_head_dim=16).to_json_file(tmp_path / "config.json")
+    assert main(["info", "--model", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3: warning:") and "latent 80" in err and "vLLM and SGLang" in err
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["deployment_warnings"] == [err.removeprefix("dsv3: warning: ").rstrip("\n")]
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["deployment_warnings"] == [] and err == ""
+
+
 def test_bad_preset(capsys):
     err = run_error(capsys, ["info", "--preset", "v9"])
     assert "invalid choice: 'v9'" in err and err.startswith("usage:")

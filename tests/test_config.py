@@ -259,3 +259,23 @@ def test_presets_build_on_meta(name):
         # The report's 671B main model; the MTP module adds ~11.6B (its embedding and head are shared).
         assert 670e9 < model.num_params(include_mtp=False) < 672e9
         assert 680e9 < model.num_params() < 686e9
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_keeps_the_latent_vllm_and_sglang_serve(name):
+    # Their MLA kernels (FlashMLA, CPU_MLA/AMX_MLA) take only kv_lora_rank 512 + qk_rope_head_dim 64;
+    # a preset drifting back to e.g. 64 + 16 would make every `dsv3 train --preset` output unservable.
+    c = preset(name)
+    assert (c.kv_lora_rank, c.qk_rope_head_dim, c.latent_dim) == (512, 64, 576)
+    assert c.servable_latent and c.deployment_warnings() == []
+
+
+@pytest.mark.parametrize("kv_lora_rank, rope", [(64, 16), (512, 32), (448, 128), (256, 64)])
+def test_deployment_warning_names_the_engines_and_the_widths(kv_lora_rank, rope):
+    # (448, 128) has the right sum but not the right split: the kernels fix both widths.
+    c = tiny_config(kv_lora_rank=kv_lora_rank, qk_rope_head_dim=rope)
+    assert not c.servable_latent
+    (message,) = c.deployment_warnings()
+    for needle in ("vLLM", "SGLang", "FlashMLA", "CPU_MLA/AMX_MLA", "kv_lora_rank=512", "qk_rope_head_dim=64",
+                   "latent 576", f"kv_lora_rank={kv_lora_rank}", f"qk_rope_head_dim={rope}"):
+        assert needle in message, needle

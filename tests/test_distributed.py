@@ -33,6 +33,7 @@ from dsv3.train.parallel.expert_parallel import max_ranks_per_token, ranks_per_t
 from dsv3.train.parallel.parallelize import check_ep
 from dsv3.train.parallel.dist import DistributedError
 from dsv3.train.parallel.training import ParallelTraining
+from dsv3.train.state import read_trainer_state
 from dsv3.train.trainer import TrainConfig, prepare_data, train
 
 WORLD = 2
@@ -259,7 +260,7 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
 
     # saved at 2 ranks (EP), resumed in one process: the same next losses
     shutil.copytree(tmp_path / "ep", tmp_path / "resume1", ignore=shutil.ignore_patterns("final"))
-    saved = json.loads((tmp_path / "resume1" / "checkpoint-2" / "trainer_state.json").read_text())
+    saved = read_trainer_state(tmp_path / "resume1" / "checkpoint-2")
     assert saved["world_size"] == WORLD and saved["train_config"]["ep"] == 2
     train(dataclasses.replace(ref, out=str(tmp_path / "resume1"), ep=1), resume=True)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "resume1")[0]), torch.tensor(losses(tmp_path / "ep")[0]),

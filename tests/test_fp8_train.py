@@ -17,6 +17,7 @@ import dsv3
 from dsv3 import fp8
 from dsv3.train.fp8 import (AdamWBF16, FP8TrainingConfig, FP8TrainingExperts, FP8TrainingLinear, apply_fp8_training,
                             fp8_matmul)
+from dsv3.train.state import read_trainer_state, state_dir
 from dsv3.train.trainer import TrainConfig, train
 
 B = 16  # block/tile for tiny models (128 in the paper): layers must span several blocks
@@ -155,9 +156,9 @@ def test_train_fp8_runs_saves_bf16_moments_and_resumes_exactly(corpus, tmp_path)
     losses = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()
               if "kind" not in json.loads(ln)]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    opt = load_file(str(run / "checkpoint-2" / "optimizer.safetensors"))
+    opt = load_file(str(state_dir(run / "checkpoint-2") / "optimizer.safetensors"))
     assert {t.dtype for k, t in opt.items() if k.endswith("exp_avg")} == {torch.bfloat16}
-    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    state = read_trainer_state(run / "checkpoint-2")
     assert state["train_config"]["fp8"] is True and state["train_config"]["fp8_block"] == B
     # the final model loads as a plain checkpoint (FP8 training keeps fp32 master weights)
     assert dsv3.load_pretrained(run / "final").layers[0].mlp.gate_proj.weight.dtype == torch.float32

@@ -21,6 +21,7 @@ from dsv3.model import ModelOutput
 from dsv3.model.moe import Router
 from dsv3.train import balance
 from dsv3.train.optim import Schedule, param_groups
+from dsv3.train.state import read_trainer_state, state_dir
 from dsv3.train.trainer import TrainConfig, TrainError, compute_losses, train
 
 SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
@@ -153,7 +154,8 @@ def test_run_writes_metrics_checkpoints_plots_and_learns(finished_run):
     assert [e["step"] for e in evals] == [4, 8]
     for key in ("val_loss", "val_ppl", "maxvio_global", "mtp_top1_acc", "expert_load"):
         assert key in evals[-1], key
-    assert (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert read_trainer_state(out / "checkpoint-4")["step"] == 4  # its training state, under OUT/train_state/
+    assert state_dir(out / "final").parent == out / "train_state" and not list((out / "final").glob("optim*"))
     assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer.json").exists()
     for png in ("loss.png", "maxvio.png", "expert_load.png"):
         assert (out / "plots" / png).stat().st_size > 1000

@@ -21,12 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import fp8
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, DeploymentWarning, ModelConfig
 from .model import Transformer
 from .model.moe import Router
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -310,25 +311,90 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _current_umask() -> int:
+    # Linux shows it without changing it; elsewhere set-and-restore (briefly visible to other threads).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plainly created file gets under the process umask (0o644 under umask 022)."""
+    return 0o666 & ~_current_umask()
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file mode the umask gives (``save_file`` goes through a
+    private temporary file and leaves 0o600, so other users -- a serving engine's account -- can't read it)."""
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, default_file_mode())
+
+
+def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a checkpoint directory's (first) safetensors file; empty when it has none.
+
+    Raises :class:`CheckpointError` when the directory holds no readable weights."""
+    files = sorted(set(_checkpoint_files(Path(path)).values()))
+    if not files:
+        raise CheckpointError(f"{path}: the index lists no weight files")
+    return dict(_open(files[0]).metadata() or {})
+
+
 def _atomic_write_json(obj, file: Path) -> None:
     tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")  # a plain open(): the mode follows the umask
     os.replace(tmp, file)
+
+
+def _write_generation_config(config: ModelConfig, path: Path) -> None:
+    """``generation_config.json`` with the token ids, as transformers derives it from ``config.json``
+    (deployment engines read the stop token from here). Settings already in the file are kept."""
+    file = path / GENERATION_CONFIG_FILE
+    gen: dict = {"_from_model_config": True}
+    if file.exists():
+        try:
+            gen = json.loads(file.read_text())
+        except json.JSONDecodeError:
+            pass  # unreadable: replaced
+    for key in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, key)
+        if value is None:
+            gen.pop(key, None)
+        else:
+            gen[key] = value
+    if config.extra.get("pad_token_id") is not None:
+        gen["pad_token_id"] = config.extra["pad_token_id"]
+    _atomic_write_json(gen, file)
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
                     dtype: torch.dtype | None = None, fp8_weights: bool = False,
-                    block_size: tuple[int, int] = fp8.DEFAULT_BLOCK) -> None:
-    """Write ``model`` in the HF layout: ``config.json`` + safetensors, sharded above ``max_shard_size``.
+                    block_size: tuple[int, int] = fp8.DEFAULT_BLOCK, metadata: dict[str, str] | None = None) -> None:
+    """Write ``model`` in the HF layout: ``config.json``, ``generation_config.json`` and safetensors,
+    sharded above ``max_shard_size``.
 
     fp8_weights: store linear weights as ``float8_e4m3fn`` + ``weight_scale_inv`` per ``block_size``
     block, as the official V3 release does (adds ``quantization_config``). dtype: cast the rest.
+    metadata: extra string pairs for every safetensors header (read back by :func:`weights_metadata`).
     Each file is written under a temporary name and renamed, the index (or single file) last, so an
-    interrupted save never looks complete.
+    interrupted save never looks complete. Files get the umask's mode. A shape that vLLM and SGLang
+    can't serve (:meth:`ModelConfig.deployment_warnings`) is reported once per save as a
+    :class:`~dsv3.config.DeploymentWarning`.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
+    for message in config.deployment_warnings():
+        warnings.warn(f"{path}: {message}", DeploymentWarning, stacklevel=2)
+    header = {"format": "pt", **(metadata or {})}
     limit = _parse_size(max_shard_size)
     tensors: list[tuple[str, torch.Tensor]] = []
     for name, t in model.state_dict().items():
@@ -380,6 +446,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     stored = dtype if dtype is not None else (torch.bfloat16 if fp8_weights else model.embed_tokens.weight.dtype)
     hf_config["torch_dtype"] = str(stored).replace("torch.", "")
     _atomic_write_json(hf_config, path / "config.json")
+    _write_generation_config(config, path)
 
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -393,7 +460,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
                 weight_map[k] = fname
                 total += v.numel() * v.element_size()
         tmp = path / (fname + ".tmp")
-        save_file(out, str(tmp), metadata={"format": "pt"})
+        write_safetensors(out, tmp, metadata=header)
         if n > 1 or fname != SINGLE_FILE:
             os.replace(tmp, path / fname)
         else:

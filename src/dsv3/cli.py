@@ -123,6 +123,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     s = summary(config, seq_len=flops_seq, dtype=args.dtype, name=name)
     from .quant.memory import fp8_weight_bytes, format_weight_bytes
     s["weights"] = fp8_weight_bytes(config)
+    s["deployment_warnings"] = config.deployment_warnings()
+    for message in s["deployment_warnings"]:  # stderr, so --json output stays one JSON document
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     status = 0
     if args.forward:
         s["forward"] = _run_forward(config, s["params"], args)

@@ -21,12 +21,22 @@ class ConfigError(ValueError):
     """A config field breaks a rule; the message names the field and the rule."""
 
 
+class DeploymentWarning(UserWarning):
+    """A valid shape that a deployment engine (vLLM, SGLang) will refuse to serve."""
+
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 # When YaRN is switched on: "always" is how transformers reads a config; "past_original" is the
 # official DeepSeek demo, which only uses YaRN when the run's context exceeds the original length.
 YARN_MODES = ("always", "past_original")
+
+# The only latent the deployment engines' MLA kernels take: vLLM and SGLang run MLA through FlashMLA
+# (GPU) and CPU_MLA / AMX_MLA (CPU), all written for DeepSeek-V2/V3's 512 + 64 = 576 values per token.
+# Any other width is refused at load ("Head dimension 80 is not supported by MLA").
+SERVABLE_KV_LORA_RANK = 512
+SERVABLE_QK_ROPE_HEAD_DIM = 64
 
 
 @dataclass
@@ -91,6 +101,22 @@ class ModelConfig:
     def latent_dim(self) -> int:
         """Values cached per token per layer by MLA: normalized ``c_kv`` plus the rotated ``k_pe``."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def servable_latent(self) -> bool:
+        """Whether vLLM's and SGLang's MLA kernels can serve this shape (``kv_lora_rank`` 512,
+        ``qk_rope_head_dim`` 64, the V2/V3 latent). dsv3's own engine and training take any width."""
+        return self.kv_lora_rank == SERVABLE_KV_LORA_RANK and self.qk_rope_head_dim == SERVABLE_QK_ROPE_HEAD_DIM
+
+    def deployment_warnings(self) -> list[str]:
+        """What keeps deployment engines from serving this shape; empty when nothing does."""
+        if self.servable_latent:
+            return []
+        return [f"kv_lora_rank={self.kv_lora_rank} + qk_rope_head_dim={self.qk_rope_head_dim} (latent "
+                f"{self.latent_dim}): vLLM and SGLang serve MLA only through kernels built for "
+                f"kv_lora_rank={SERVABLE_KV_LORA_RANK} + qk_rope_head_dim={SERVABLE_QK_ROPE_HEAD_DIM} "
+                f"(latent {SERVABLE_KV_LORA_RANK + SERVABLE_QK_ROPE_HEAD_DIM}; FlashMLA on GPU, CPU_MLA/AMX_MLA "
+                "on CPU) and will refuse this model; dsv3's own engine runs it"]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layers from ``first_k_dense_replace`` on (every ``moe_layer_freq``-th) use DeepSeekMoE."""
@@ -339,25 +365,28 @@ def _preset_v2_lite() -> ModelConfig:
     )
 
 
+# The presets users train (tiny, small) keep the V2/V3 latent (kv_lora_rank 512 + qk_rope_head_dim 64)
+# so that vLLM and SGLang can serve what they produce; everything else is scaled down.
 def _preset_small() -> ModelConfig:
-    # ~0.5B total / ~0.1B active: the shape for a single-GPU run.
+    # ~0.5B total / ~0.13B active: the shape for a single-GPU run.
     return ModelConfig(
         vocab_size=32768, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
         num_hidden_layers=12, num_nextn_predict_layers=1, num_attention_heads=12, num_key_value_heads=12,
-        n_shared_experts=1, n_routed_experts=64, routed_scaling_factor=2.5, kv_lora_rank=256, q_lora_rank=384,
-        qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=64, n_group=8, topk_group=4,
+        n_shared_experts=1, n_routed_experts=64, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=384,
+        qk_rope_head_dim=64, v_head_dim=64, qk_nope_head_dim=64, n_group=8, topk_group=4,
         num_experts_per_tok=6, first_k_dense_replace=1, max_position_embeddings=4096, rope_scaling=None,
     )
 
 
 def _preset_tiny() -> ModelConfig:
-    # ~20M params: trains on a laptop CPU in minutes. Keeps every V3 feature (q-LoRA, group routing,
-    # shared expert, dense first layer, one MTP module).
+    # ~11M params: trains on a laptop CPU in minutes. Keeps every V3 feature (q-LoRA, group routing,
+    # shared expert, dense first layer, one MTP module). The latent (576) is wider than the hidden size
+    # (256), so it compresses nothing here; it is the width the deployment kernels take.
     return ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
         num_hidden_layers=4, num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96,
-        qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2,
+        n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=96,
+        qk_rope_head_dim=64, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2,
         num_experts_per_tok=4, first_k_dense_replace=1, max_position_embeddings=1024, rope_scaling=None,
         torch_dtype="float32",
     )

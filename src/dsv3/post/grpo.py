@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from pathlib import Path
 import torch
 
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
+from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
+                           save_training_checkpoint)
 from ..train.trainer import MetricsLog, _autocast
 
 
@@ -300,7 +300,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
             save(f"checkpoint-{done}", done)
             for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
         if bar is not None:
             bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.2f}",
                              "kl": f"{rec['kl']:.4f}"}, refresh=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import list_checkpoints, load_training_state, open_run, save_training_checkpoint
+from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
+                           save_training_checkpoint)
 from ..train.trainer import MetricsLog, _autocast, _progress, finish_update
 
 
@@ -256,7 +256,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
             save(f"checkpoint-{done}", done)
             for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
         progress.update(rec, last_eval)
     progress.close()
     final_step = max(start, cfg.max_steps)

@@ -1,13 +1,24 @@
-"""Training checkpoints: the HF-layout model + tokenizer + everything needed to resume exactly.
+"""Training checkpoints: a model directory a deployment engine takes as it is, plus the state to resume.
 
-A checkpoint directory ``OUT/checkpoint-STEP/`` (and ``OUT/final/``) holds:
-  config.json, model*.safetensors   the model, loadable by dsv3.load_pretrained and transformers
-  tokenizer.json, tokenizer_config.json
-  optimizer.safetensors             AdamW moments and step counts, the torch RNG state
-  trainer_state.json                step, schedule, data position, run config, python/numpy RNG
-The directory is assembled under a temporary name and renamed into place as the last step, so a
-process killed at any moment leaves either the previous complete checkpoint or the new one, never
-a partial one that looks complete. No pickle anywhere.
+A run directory ``OUT/`` holds, per checkpoint ``NAME`` (``checkpoint-STEP`` or ``final``):
+  OUT/NAME/                          the model, nothing else, so vLLM / SGLang / transformers load it as it is:
+    config.json, generation_config.json, model.safetensors (or shards + index),
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+  OUT/train_state/NAME.SAVE_ID/      what resuming needs besides the weights:
+    optimizer.safetensors            AdamW moments and step counts, the torch RNG state
+    trainer_state.json               step, schedule, data position, run config, python/numpy RNG
+SAVE_ID is a random id written into both halves (the safetensors header metadata of the model and
+``trainer_state.json``); a checkpoint is complete only when ``OUT/NAME/`` exists and a state
+directory carries its id. Model directories written before the state moved out (state files inside
+``OUT/NAME/``) still resume.
+
+Atomicity: a process killed at any moment leaves either the previous complete checkpoint or the new
+one. Both halves are written under temporary names and fsynced; the state is renamed to its
+id-qualified name (nothing points to it yet, so the old pair is untouched), then the model directory
+is renamed into place -- the single step that switches ``NAME`` from the old pair to the new one.
+When ``NAME`` exists (``final`` saved again after a resumed run is extended) the old model
+directory is first moved aside to ``.NAME.old-PID``; :func:`clean_stale_temps` moves it back if the
+new one never arrived, and removes state directories no model points to. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -18,17 +29,33 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import CheckpointError, save_pretrained, weights_metadata, write_safetensors
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_DIR = "train_state"
+# The key of the id shared by a model directory and its state, in the safetensors header metadata.
+SAVE_ID_KEY = "dsv3_save_id"
+STEP_KEY = "dsv3_step"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)\Z")
+_NAME = r"(checkpoint-\d+|final)"
+_STATE_RE = re.compile(_NAME + r"\.([0-9a-f]+)\Z")
+_ASIDE_RE = re.compile(r"\." + _NAME + r"\.(old|tmp|del)-[^/]*\Z")   # .NAME.old-PID, .NAME.tmp-PID, .NAME.del-PID
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -36,11 +63,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -64,32 +87,91 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _model_save_id(model_dir: Path) -> str | None:
+    """The save id in a model directory's weights, or None (no weights, unreadable, or no id)."""
+    if not model_dir.is_dir():
+        return None
+    try:
+        return weights_metadata(model_dir).get(SAVE_ID_KEY)
+    except CheckpointError:
+        return None
+
+
+def state_dir(checkpoint: Path) -> Path | None:
+    """The training-state directory that belongs to model directory ``checkpoint``, or None when
+    the checkpoint is incomplete (no state carries the id in its weights)."""
+    checkpoint = Path(checkpoint)
+    save_id = _model_save_id(checkpoint)
+    if save_id is not None:
+        s = checkpoint.parent / STATE_DIR / f"{checkpoint.name}.{save_id}"
+        return s if (s / TRAINER_STATE).is_file() and (s / OPTIMIZER_FILE).is_file() else None
+    if (checkpoint / TRAINER_STATE).is_file() and (checkpoint / OPTIMIZER_FILE).is_file():
+        return checkpoint  # written before the state moved out of the model directory
+    return None
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """``trainer_state.json`` of a complete checkpoint (step, data position, run config, ...)."""
+    s = state_dir(checkpoint)
+    if s is None:
+        raise CheckpointError(f"{checkpoint}: not a complete training checkpoint (no training state "
+                              f"under {Path(checkpoint).parent / STATE_DIR} matches its weights)")
+    return json.loads((s / TRAINER_STATE).read_text())
+
+
 def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict) -> Path:
-    """Write ``out_dir/name`` atomically and return its path."""
+    """Write checkpoint ``name`` of the run in ``out_dir`` atomically; returns the model directory
+    ``out_dir/name`` (its training state goes to ``out_dir/train_state/``)."""
     out_dir = Path(out_dir)
+    if not re.fullmatch(_NAME, name):
+        raise ValueError(f"checkpoint name {name!r}: must be 'final' or 'checkpoint-STEP'")
+    states = out_dir / STATE_DIR
+    states.mkdir(parents=True, exist_ok=True)
+    save_id = uuid.uuid4().hex[:16]
+    pid = os.getpid()
     final = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    state_final = states / f"{name}.{save_id}"
+
+    # 1. the training state, under its id-qualified name: no model points to it yet
+    state_tmp = states / f".{name}.tmp-{pid}"
+    if state_tmp.exists():
+        shutil.rmtree(state_tmp)
+    state_tmp.mkdir()
+    tensors, groups = optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    write_safetensors(tensors, state_tmp / OPTIMIZER_FILE)
+    np_state = np.random.get_state()
+    state = dict(trainer_state, save_id=save_id, optimizer_param_groups=groups,
+                 rng={"python": _jsonable(random.getstate()),
+                      "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
+    (state_tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    _fsync_tree(state_tmp)
+    os.rename(state_tmp, state_final)
+    _fsync_dir(states)
+
+    # 2. the model directory, carrying the same id; renaming it into place is the commit
+    tmp = out_dir / f".{name}.tmp-{pid}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_pretrained(model, tmp)
+    save_pretrained(model, tmp, metadata={SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
     tokenizer.save(tmp)
-    tensors, groups = optimizer_tensors(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    np_state = np.random.get_state()
-    state = dict(trainer_state, optimizer_param_groups=groups,
-                 rng={"python": _jsonable(random.getstate()),
-                      "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step: move the old one aside first
-        trash = out_dir / f".{name}.old-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
+    aside = None
+    if final.exists():  # saving the same name again: move the old one aside first
+        aside = out_dir / f".{name}.old-{pid}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    _fsync_dir(out_dir)
+
+    # 3. the old pair is no longer referenced
+    if aside is not None:
+        shutil.rmtree(aside)
+    for old in states.glob(f"{name}.*"):
+        if old != state_final:
+            shutil.rmtree(old)
     return final
 
 
@@ -106,10 +188,13 @@ def _tupled(x):
 
 
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer and RNG states from ``path``; returns the trainer state dict."""
-    path = Path(path)
-    state = json.loads((path / TRAINER_STATE).read_text())
-    tensors = load_file(str(path / OPTIMIZER_FILE))
+    """Restore optimizer and RNG states of checkpoint ``path`` (its model directory); returns the
+    trainer state dict."""
+    s = state_dir(Path(path))
+    if s is None:
+        raise CheckpointError(f"{path}: not a complete training checkpoint, no training state to resume")
+    state = json.loads((s / TRAINER_STATE).read_text())
+    tensors = load_file(str(s / OPTIMIZER_FILE))
     load_optimizer(optimizer, tensors, state["optimizer_param_groups"])
     torch.set_rng_state(tensors["rng.torch"])
     random.setstate(_tupled(state["rng"]["python"]))
@@ -119,11 +204,11 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``out_dir`` as (step, path), oldest first."""
+    """Complete ``checkpoint-STEP`` checkpoints in ``out_dir`` as (step, model directory), oldest first."""
     out = []
     for p in Path(out_dir).glob("checkpoint-*"):
         m = _CKPT_RE.match(p.name)
-        if m and (p / TRAINER_STATE).exists():
+        if m and state_dir(p) is not None:
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -133,12 +218,54 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a checkpoint: its model directory and its training state.
+
+    The model directory is renamed away first, so a kill half-way through leaves no directory named
+    like a checkpoint that lacks files; :func:`clean_stale_temps` finishes the job."""
+    checkpoint = Path(checkpoint)
+    states = checkpoint.parent / STATE_DIR
+    if checkpoint.exists():
+        doomed = checkpoint.with_name(f".{checkpoint.name}.del-{os.getpid()}")
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.rename(checkpoint, doomed)
+        shutil.rmtree(doomed)
+    for s in states.glob(f"{checkpoint.name}.*"):
+        if _STATE_RE.match(s.name):
+            shutil.rmtree(s, ignore_errors=True)
+
+
 def clean_stale_temps(out_dir: Path) -> None:
-    """Remove half-written checkpoint directories left by a killed process."""
-    for p in Path(out_dir).glob(".checkpoint-*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(out_dir).glob(".final.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Finish what a killed process left: drop half-written directories, put back a model directory
+    that was moved aside for a save that never completed, and remove training states no model
+    directory points to. Afterwards every checkpoint is a complete pair or gone."""
+    out_dir = Path(out_dir)
+    states = out_dir / STATE_DIR
+    aside: dict[str, list[Path]] = {}
+    for root in (out_dir, states):
+        for p in sorted(root.glob(".*")) if root.is_dir() else []:
+            m = _ASIDE_RE.match(p.name)
+            if m is None:
+                continue
+            if m.group(2) == "old" and root == out_dir:
+                aside.setdefault(m.group(1), []).append(p)
+            else:  # half-written, or being deleted
+                shutil.rmtree(p, ignore_errors=True)
+    for name, olds in aside.items():
+        final = out_dir / name
+        if not final.exists():  # killed between moving the old one aside and renaming the new one in
+            paired = [p for p in olds if _model_save_id(p) is not None
+                      and (states / f"{name}.{_model_save_id(p)}").is_dir()]
+            restore = (paired or olds)[-1]
+            os.rename(restore, final)
+            olds = [p for p in olds if p != restore]
+        for p in olds:
+            shutil.rmtree(p, ignore_errors=True)
+    for s in sorted(states.iterdir()) if states.is_dir() else []:
+        m = _STATE_RE.match(s.name)
+        if m and _model_save_id(out_dir / m.group(1)) != m.group(2):
+            shutil.rmtree(s, ignore_errors=True)
 
 
 def open_run(cfg, out_dir: Path, resume: bool, state_key: str, step_field: str, steps: int | None,
@@ -148,7 +275,8 @@ def open_run(cfg, out_dir: Path, resume: bool, state_key: str, step_field: str, 
     Resuming takes the config saved under ``state_key`` in the newest complete checkpoint (``final``
     included, so a finished run can be extended), keeping this call's progress/device/out and, if
     given, ``steps`` as the new ``step_field``; no checkpoint to resume is ``error``. A fresh run
-    removes the previous run's checkpoints, so a later ``--resume`` cannot pick up a stale one.
+    removes the previous run's checkpoints (model directories and training states), so a later
+    ``--resume`` cannot pick up a stale one.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out_dir)
@@ -156,20 +284,27 @@ def open_run(cfg, out_dir: Path, resume: bool, state_key: str, step_field: str, 
     if resume and ckpt is None:
         raise error(f"{out_dir}: no complete checkpoint to resume from")
     if ckpt is not None:
-        saved = json.loads((ckpt / TRAINER_STATE).read_text())[state_key]
+        saved = read_trainer_state(ckpt)[state_key]
         here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
         if steps is not None:
             here[step_field] = steps
         return type(cfg)(**{**saved, **here}), ckpt
     if steps is not None:
         cfg = dataclasses.replace(cfg, **{step_field: steps})
-    old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
+    old = previous_checkpoints(out_dir)
     if old:
         log(f"{out_dir}: starting a new {what}, removing {len(old)} checkpoint(s) of the previous one "
             "(use --resume to continue it instead)")
     for p in old:
-        shutil.rmtree(p)
+        remove_checkpoint(p)
     return cfg, None
+
+
+def previous_checkpoints(out_dir: Path) -> list[Path]:
+    """Every checkpoint of the run in ``out_dir`` (complete ``checkpoint-STEP`` ones and ``final``),
+    the ones a fresh run replaces."""
+    final = Path(out_dir) / "final"
+    return [p for _, p in list_checkpoints(out_dir)] + ([final] if final.exists() else [])
 
 
 def resume_point(out_dir: Path) -> Path | None:
@@ -177,7 +312,6 @@ def resume_point(out_dir: Path) -> Path | None:
     run can be extended with more steps), whichever has the higher step."""
     candidates = list_checkpoints(out_dir)
     final = Path(out_dir) / "final"
-    if (final / TRAINER_STATE).is_file():
-        candidates.append((json.loads((final / TRAINER_STATE).read_text())["step"], final))
+    if state_dir(final) is not None:
+        candidates.append((read_trainer_state(final)["step"], final))
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
-

@@ -4,7 +4,9 @@ One step = ``grad_accum`` micro-batches of ``batch_size x seq_len`` tokens:
     loss = LM + lambda/D * sum_k MTP_k + alpha_seq * L_seq + alpha_aux * L_aux
 then gradient clipping, AdamW, and the aux-loss-free bias update from the expert counts of the
 whole step. Metrics go to ``OUT/metrics.jsonl`` (one JSON line per step, plus ``kind: eval``
-lines), checkpoints to ``OUT/checkpoint-STEP/`` and ``OUT/final/``, plots to ``OUT/plots/``.
+lines), checkpoints to ``OUT/checkpoint-STEP/`` and ``OUT/final/`` (model directories a deployment
+engine loads as they are; their optimizer/RNG/data state to ``OUT/train_state/``, see ``state.py``),
+plots to ``OUT/plots/``.
 Resuming restores model, optimizer, schedule, RNG and data position, so on CPU the losses after a
 resume equal those of an uninterrupted run bit for bit.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..model import Transformer
 from . import balance
 from .optim import Schedule, build_optimizer
 from .state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
-                    save_training_checkpoint)
+                    previous_checkpoints, read_trainer_state, remove_checkpoint, save_training_checkpoint)
 
 
 class TrainError(RuntimeError):
@@ -264,16 +265,16 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     if resume and ckpt is None:
         raise TrainError(f"{out_dir}: no complete checkpoint to resume from")
     if not resume:  # a fresh run replaces the previous run's checkpoints (the data cache is kept)
-        old = [p for _, p in list_checkpoints(out_dir)] + [p for p in [out_dir / "final"] if p.exists()]
+        old = previous_checkpoints(out_dir)
         if old:
             log(f"{out_dir}: starting a new run, removing {len(old)} checkpoint(s) of the previous one "
                 "(use --resume to continue it instead)")
         for p in old if main else []:
-            shutil.rmtree(p)
+            remove_checkpoint(p)
     if dp is not None:
         dp.ctx.barrier()  # the old run is gone before any rank looks at the directory
     if ckpt is not None:  # the run's own settings win; only the step budget may be extended
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["train_config"]
+        saved = read_trainer_state(ckpt)["train_config"]
         here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out, "ep": cfg.ep}
         if max_steps is not None:
             here["max_steps"] = max_steps
@@ -377,7 +378,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
             save(f"checkpoint-{done}", done)
             for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)] if main else []:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
         progress.update(rec, last_eval)
     progress.close()
     final_step = max(start, cfg.max_steps)
