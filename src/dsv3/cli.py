@@ -696,24 +696,44 @@ def add_bench_parser(subparsers):
     t.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
     t.set_defaults(func=cmd_bench, bench_run=_cmd_bench_train)
     d = sub.add_parser("decode", formatter_class=HelpFormatter,
-                       help="generation tokens/s: our engine vs transformers' generate on a checkpoint",
-                       description="Greedy generation of the same batch of random prompts (seeded, all "
-                                   "--prompt-len tokens) for exactly --gen-len new tokens, by our engine (dsv3.LLM) "
-                                   "and by transformers' generate on the same checkpoint, fp32, same threads, "
-                                   "rounds interleaved; report total time, tokens/s, per-token latency, the "
-                                   "ratio, whether the greedy tokens are identical (they must be), and the KV "
-                                   "cache bytes per token of both. --speculative mtp adds our engine with MTP "
-                                   "speculative decoding: speedup, acceptance rate, mean accepted length.")
+                       help="decode tokens/s: our engine vs llama.cpp / vLLM / transformers, and the roofline",
+                       description="Greedy generation of the same random prompts (seeded, all --prompt-len "
+                                   "tokens) for exactly --gen-len new tokens (EOS ignored), by our engine (dsv3.LLM) "
+                                   "and each --peer on the same checkpoint at the same precision (--dtype float32: "
+                                   "llama.cpp f32, vLLM float32; bfloat16: bf16 / bfloat16; --quantize int8: "
+                                   "llama.cpp q8_0, vLLM skipped) and threads, rounds interleaved, for each --batch "
+                                   "size; report prefill time, ms per decode step, decode and end-to-end tokens/s, "
+                                   "the ratio ours/peer, greedy agreement (identical sequences, first divergence), "
+                                   "bytes per decode step, a bandwidth probe and the fraction of the memory "
+                                   "roofline reached. Default peer: transformers (whose fp32 greedy tokens must "
+                                   "equal ours). --speculative mtp adds our engine with MTP speculative decoding: "
+                                   "speedup, acceptance rate, mean accepted length.")
     d.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory (config.json + safetensors); required unless --random-preset")
     d.add_argument("--random-preset", metavar="NAME", default=None,
                    help="instead of --model: a random-weight preset model (e.g. v2-lite); times our engine eagerly "
                         "and with CUDA graphs and reports the memory-bandwidth roofline fraction (no transformers)")
-    d.add_argument("--dtype", default="bfloat16", help="weights dtype with --random-preset")
+    d.add_argument("--dtype", default=None,
+                   help="our precision and the peers' equal one: float32, bfloat16 or auto (what dsv3 would "
+                        "pick on this CPU; default float32; with --random-preset the weights dtype, default "
+                        "bfloat16)")
+    d.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="our weights quantized weight-only (int8 is compared with llama.cpp q8_0)")
+    d.add_argument("--peer", action="append", default=None, metavar="NAME",
+                   choices=["transformers", "llama.cpp", "vllm", "none"],
+                   help="peer to compare with, repeatable: transformers (default), llama.cpp (the checkpoint "
+                        "converted to GGUF), vllm (vLLM's CPU build in .venv-vllm); none: ours alone")
+    d.add_argument("--gguf-dir", metavar="DIR", default=None,
+                   help="keep the GGUF files converted for llama.cpp here and reuse them (default: a temporary "
+                        "directory)")
+    d.add_argument("--no-roofline", action="store_true",
+                   help="skip the bandwidth probe and the roofline fractions")
     d.add_argument("--compile", action="store_true",
                    help="also time our engine with torch.compile'd decode steps (LLM(compile=True)); "
                         "compilation happens in the warmup round and is reported")
-    d.add_argument("--batch", type=positive_int, default=1, help="sequences generated together")
+    d.add_argument("--batch", default="1", metavar="B[,B...]",
+                   help="sequences generated together; several sizes separated by commas (e.g. 1,8,32) are run "
+                        "one after another (--random-preset: one size)")
     d.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
     d.add_argument("--gen-len", type=positive_int, default=64, help="new tokens per sequence")
     d.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
@@ -763,11 +783,14 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def _cmd_bench_roofline(args: argparse.Namespace) -> int:
-    from .bench.decode import bench_decode_roofline, format_bench_roofline
-    if args.model is not None or args.speculative:
-        raise CLIError("--random-preset replaces --model and takes no --speculative")
+    from .bench.decode import bench_decode_roofline, format_bench_roofline, parse_batches
+    if args.model is not None or args.speculative or args.peer or args.quantize:
+        raise CLIError("--random-preset replaces --model and takes no --speculative, --peer or --quantize")
     try:
-        result = bench_decode_roofline(args.random_preset, dtype=args.dtype, batch=args.batch,
+        batches = parse_batches(args.batch)
+        if len(batches) != 1:
+            raise ValueError(f"--random-preset takes one --batch size, got {args.batch}")
+        result = bench_decode_roofline(args.random_preset, dtype=args.dtype or "bfloat16", batch=batches[0],
                                        prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                                        seed=args.seed, device=args.device, threads=args.threads,
                                        compile=args.compile)
@@ -787,19 +810,31 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         return _cmd_bench_roofline(args)
     if args.model is None:
         raise CLIError("bench decode needs --model DIR (or --random-preset NAME)")
+    peers = args.peer
+    if peers is not None and "none" in peers:
+        if len(peers) > 1:
+            raise CLIError("--peer none runs ours alone; it cannot be combined with other --peer values")
+        peers = []
     try:
         result = bench_decode(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               threads=args.threads, seed=args.seed, speculative=args.speculative,
                               num_speculative_tokens=args.num_speculative_tokens, repeats=args.repeats,
-                              warmup=args.warmup, device=args.device, compile=args.compile)
+                              warmup=args.warmup, device=args.device, compile=args.compile, peers=peers,
+                              dtype=args.dtype or "float32", quantize=args.quantize, gguf_dir=args.gguf_dir,
+                              roofline=not args.no_roofline)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(format_bench_decode(result))
     if args.json:
         _write_json(args.json, result)
-    if result.get("tokens_identical") is False:
-        print(f"{PROG}: error: greedy tokens of ours and transformers differ in "
-              f"{result['batch'] - result['tokens_identical_sequences']} of {result['batch']} sequences",
+    if result.get("tokens_must_match") and result.get("tokens_identical") is False:
+        bad = []
+        for run in result["runs"]:
+            a = run["agreement"].get("transformers")
+            if a is not None and not a["identical"]:
+                differ = a["sequences"] - a["identical_sequences"]
+                bad.append(f"batch {run['batch']}: {differ} of {a['sequences']} sequences")
+        print(f"{PROG}: error: fp32 greedy tokens of ours and transformers differ ({'; '.join(bad)})",
               file=sys.stderr)
         return 1
     return 0
