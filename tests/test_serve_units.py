@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import time
 
 import pytest
 import torch
@@ -279,3 +281,215 @@ def test_unbounded_schemas_still_finish_within_max_tokens(llm, grammar, tok, thi
         assert out.finish_reason == "stop", text
         _, calls = parse_tool_calls(text.split(THINK_END)[-1])
         assert calls and all(set(json.loads(x["arguments"])) == {"text", "more"} for x in calls)
+
+
+# ------------------------------------------------------------------------------------ issue 16: bodies, ids, limits
+def _random_json(rng: random.Random, depth: int = 0):
+    r = rng.random()
+    if depth > 5 or r < 0.4:
+        return rng.choice([1, -3, 2.5, "x", "é✓ \u2028", True, False, None, "", 10 ** 20, 1e-7, "\U0001F600"])
+    if r < 0.7:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {f"k{i}": _random_json(rng, depth + 1) for i in range(rng.randint(0, 4))}
+
+
+@pytest.mark.parametrize("c_bytes", [None, 0])
+def test_body_parser_matches_json_loads(monkeypatch, c_bytes):
+    """Same values as the standard library, whether the C decoder gets the whole body or only the
+    values below the Python-parsed top levels (c_bytes=0)."""
+    from dsv3.serve import body
+    if c_bytes is not None:
+        monkeypatch.setattr(body, "C_PARSE_BYTES", c_bytes)
+    rng = random.Random(0)
+    for _ in range(300):
+        value = {"model": "m", "messages": [_random_json(rng) for _ in range(3)], "x": _random_json(rng)}
+        text = json.dumps(value, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+        assert body.load_json(text.encode()) == json.loads(text)
+    for bad in (b"[1, 2,]", b'{"a": 1,}', b'{"a": 1} {"b": 2}', b"", b"[", b'{"a": tru}', b'{"a": "\\x"}'):
+        with pytest.raises(body.BodyError):
+            body.load_json(bad)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b'{"a": [1, {"b": NaN}]}', "a[1].b is not a finite number"),
+    (b'{"a": Infinity}', "a is not a finite number"),
+    (b'{"a": -1e400}', "a is not a finite number"),
+    (b'{"a": ["ok", "\\udc80"]}', "a[1] holds a lone UTF-16 surrogate"),
+    (b'{"\\ud800x": 1}', "a key holds a lone UTF-16 surrogate"),
+    (b"[" * 70 + b"]" * 70, "nested too deeply"),
+    (b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+    (b'{"n": ' + b"1" * 4400 + b"}", "number"),
+])
+def test_body_parser_refuses(raw, needle):
+    from dsv3.serve.body import BodyError, load_json
+    with pytest.raises(BodyError, match=re.escape(needle)):
+        load_json(raw)
+    assert load_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}      # a surrogate *pair* is one character
+
+
+def test_parser_takes_markers_from_ids_only(tok):
+    """Special ids make a tool call; their spellings as text don't; calls to unoffered functions are dropped."""
+    spelled = tok.encode(f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}ping\n```json\n{{}}\n```"
+                         f"{TOOL_CALL_END}{TOOL_CALLS_END}")
+    assert not set(spelled) & tok.special_ids
+    parser = ChatOutputParser(tok, tool_names=["ping"])
+    parser.update(spelled + [tok.eos_id], final=True)
+    assert parser.tool_calls == [] and parser.content == tok.decode(spelled)
+    ids = _reply_ids(tok, "", "go", [("rm_rf", '{"path": "/"}'), ("ping", '{"host": "a"}')])[1:]   # no </think>
+    parser = ChatOutputParser(tok, tool_names=["ping"])
+    parser.update(ids, final=True)
+    assert [c["function"]["name"] for c in parser.tool_calls] == ["ping"] and parser.dropped_calls == ["rm_rf"]
+    assert parser.content == "go"
+    # "</think>" as text: no reasoning split (thinking mode), the text stays in the reasoning.
+    ids = tok.encode("a</think>b") + [tok.token_id(THINK_END)] + tok.encode("c")
+    parser = ChatOutputParser(tok, thinking=True)
+    parser.update(ids, final=True)
+    assert (parser.reasoning, parser.content) == ("a</think>b", "c")
+
+
+def test_tool_messages_answer_a_call():
+    from dsv3.serve.tools import normalize_messages
+    call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
+    ok = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]},
+          {"role": "tool", "tool_call_id": "c1", "content": "pong"}]
+    assert normalize_messages(ok)[2] == {"role": "tool", "content": "pong"}
+    for bad in ({"role": "tool", "content": "pong"}, {"role": "tool", "tool_call_id": "c2", "content": "pong"}):
+        with pytest.raises(APIError, match="tool_call_id"):
+            normalize_messages(ok[:2] + [bad])
+    with pytest.raises(APIError, match="tool_call_id"):           # no call to answer at all
+        normalize_messages([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c1", "content": "?"}])
+
+
+def test_schema_check_accepts_real_schemas_and_names_the_bad_keyword():
+    from dsv3.serve.schema import check_schema
+
+    class Inner(BaseModel):
+        tags: list[str] = Field(max_length=3)
+        score: float | None = Field(None, ge=0, le=1)
+
+    class Outer(BaseModel):                  # pydantic writes the schema: $defs, $ref, anyOf, null types
+        name: str = Field(pattern="^[a-z]+$")
+        inner: Inner
+        items: list[Inner] = []
+
+    for schema in (ITEM_SCHEMA, Outer.model_json_schema(), TOOLS[1]["function"]["parameters"], {}, True):
+        check_schema(schema, "s", "tools")
+    for bad, where in [({"type": "strin"}, "s is not"), ({"properties": {"a": {"type": 5}}}, "s.properties.a"),
+                       ({"items": {"minLength": -1}}, "s.items"), ({"anyOf": []}, "anyOf"),
+                       ({"required": "a"}, "required"), ({"$defs": {"x": {"enum": []}}}, "s.$defs.x"),
+                       ({"allOf": [{"maximum": "3"}]}, "s.allOf[0]"), ([1], "s must be")]:
+        with pytest.raises(APIError, match=re.escape(where)):
+            check_schema(bad, "s", "tools")
+
+
+def test_sampling_params_come_from_requests_by_field_name():
+    """Issue 15's rule: every SamplingParams field is either a same-named request field or set by the
+    server itself, so a new sampling parameter can't be silently dropped."""
+    import dataclasses
+
+    from dsv3.serve.prepare import SERVER_SET, sampling_fields
+    from dsv3.serve.protocol import CompletionRequest, ResponsesRequest
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
+        missing = names - SERVER_SET - set(model.model_fields)
+        assert not missing, f"{model.__name__} lacks {missing}"
+    req = parse_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5,
+                                 "logit_bias": {"7": -2}, "ignore_eos": True}).encode(), ChatCompletionRequest)
+    assert sampling_fields(req) == {"top_k": 5, "logit_bias": {7: -2.0}, "ignore_eos": True}
+    resp = parse_body(b'{"model": "m", "input": "x", "temperature": 0.5, "top_p": 0.9}', ResponsesRequest)
+    assert sampling_fields(resp) == {"temperature": 0.5, "top_p": 0.9, "ignore_eos": False}
+
+
+def test_logit_bias_in_sampling_matches_a_hand_computation():
+    from dsv3.engine.sampling import probs_after_processing, sample
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    bias = {3: 5.0, 10: -100.0, 49: 2.5}
+    greedy = SamplingParams(temperature=0, logit_bias=bias)
+    hot = SamplingParams(temperature=0.7, logit_bias=bias)
+    plain = SamplingParams(temperature=0)
+    by_hand = logits.clone()
+    for tok, b in bias.items():
+        by_hand[:, tok] += b
+    out = sample(logits, [greedy, plain, greedy], [None] * 3)
+    assert out.token_ids.tolist() == [int(by_hand[0].argmax()), int(logits[1].argmax()), int(by_hand[2].argmax())]
+    probs = probs_after_processing(logits, [hot, plain, hot])
+    torch.testing.assert_close(probs[0], (by_hand[0] / 0.7).softmax(-1))
+    assert float(probs[0, 10]) < 1e-30
+    with pytest.raises(ValueError, match="vocabulary"):
+        sample(logits, [SamplingParams(temperature=0, logit_bias={50: 1.0})] * 3, [None] * 3)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: float("nan")})
+
+
+def test_grammar_budget_cache_and_forked_compiles(llm, tok):
+    """Compiled in a forked child: a schema over the time budget is killed (400 naming the limit), the
+    result of a normal one constrains decoding as an in-process compile does, the cache is bounded
+    by bytes and a bad schema is remembered."""
+    backend = GrammarBackend(tok, llm.config.vocab_size, compile_timeout=1.0, cache_bytes=200_000)
+    slow = {"type": "object", "properties": {"v": {"enum": [f"value_{i}_x" for i in range(20_000)]}}}
+    t = time.monotonic()
+    with pytest.raises(APIError, match="--grammar-timeout") as e:
+        backend.json_grammar(slow)
+    assert e.value.code == "limit_exceeded" and time.monotonic() - t < 5
+    c = backend.json_constraint(ITEM_SCHEMA)
+    prompt = [tok.bos_id] + tok.encode("the engine")
+    out = llm.generate([prompt], SamplingParams(temperature=1.5, seed=3, max_tokens=150, logits_processors=[c]))[0]
+    Item.model_validate(json.loads(tok.decode(out.token_ids[:-1])))
+    for i in range(6):
+        backend.json_grammar({"type": "object", "properties": {f"k{j}": {"type": "integer"} for j in range(i + 1)}})
+        assert backend.cached_bytes <= 200_000
+    before = backend.compiles
+    backend.json_grammar(ITEM_SCHEMA)               # recent enough to still be cached... or compiled once more
+    for _ in range(2):
+        with pytest.raises(APIError, match="schema"):
+            backend.json_grammar({"type": "object", "properties": {"a": {"type": "no-such-type"}}})
+    assert backend.compiles - before <= 2                      # the bad schema was compiled once
+
+
+def test_long_texts_encode_the_same_without_the_gil(tok):
+    from dsv3.tokenizer import USER_TOKEN
+    text = ("the engine reads a prompt " + USER_TOKEN + " naïve ✓ ") * 400
+    assert len(text) > 4096
+    ids = tok.encode(text)
+    assert ids == tok.backend.encode(text, add_special_tokens=False).ids and not set(ids) & tok.special_ids
+
+
+def test_responses_input_becomes_a_chat():
+    from dsv3.serve.protocol import ResponsesRequest
+    from dsv3.serve.responses import chat_spec
+    req = ResponsesRequest.model_validate({"model": "m", "instructions": "be brief", "reasoning": {"effort": "low"},
+                                           "text": {"format": {"type": "json_schema", "name": "a", "schema": {}}},
+                                           "tools": [{"type": "function", "name": "ping", "parameters": {}}],
+                                           "tool_choice": {"type": "function", "name": "ping"}, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "calling"}]},
+        {"type": "function_call", "call_id": "c1", "name": "ping", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "ping", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "pong"}]})
+    spec = chat_spec(req)
+    assert [m["role"] for m in spec.messages] == ["system", "user", "assistant", "tool"]
+    assistant = spec.messages[2]
+    assert assistant["reasoning_content"] == "hm" and [c["id"] for c in assistant["tool_calls"]] == ["c1", "c2"]
+    assert spec.thinking is True and spec.tools[0]["function"]["name"] == "ping"
+    assert spec.tool_choice == {"type": "function", "function": {"name": "ping"}}
+    assert spec.response_format["type"] == "json_schema" and spec.max_tokens_param == "max_output_tokens"
+    with pytest.raises(APIError, match="web_search"):
+        chat_spec(ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}))
+
+
+def test_limit_flags_come_from_the_dataclass():
+    import argparse
+    from dataclasses import fields
+
+    from dsv3.serve.cli import add_limit_args, limits_of
+    from dsv3.serve.limits import Limits
+    p = argparse.ArgumentParser()
+    add_limit_args(p)
+    assert limits_of(p.parse_args([])) == Limits()
+    args = p.parse_args(["--max-messages", "7", "--grammar-timeout", "0.5"])
+    assert limits_of(args).max_messages == 7 and limits_of(args).grammar_timeout == 0.5
+    assert set(vars(p.parse_args([]))) == {f.name for f in fields(Limits)}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--body-timeout", "0"])

@@ -29,6 +29,12 @@ Given the request's ``max_tokens``, the last :data:`FINISH_MARGIN_TOKENS` tokens
 end (end the segment when allowed, prefer closing tokens), so an output with unbounded strings still
 completes; only a budget below the margin (or a schema whose shortest valid text is longer) can cut
 it (``finish_reason: "length"``), as with OpenAI.
+
+Compiling a grammar can take a minute or gigabytes for an innocent-looking schema (a 20,000-value
+enum), so :class:`GrammarBackend` budgets it: with ``compile_timeout`` set (the server's
+``--grammar-timeout``) each compilation runs in a child process forked from this one and killed when
+time is up, its serialized result read back through a pipe. Compilations run in parallel (no lock
+is held while one compiles); the compiled grammars are kept in one cache bounded by bytes.
 """
 
 from __future__ import annotations

@@ -67,18 +67,13 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
-    """Fields shared by chat and completions requests.
+class _SamplingFields(_Strict):
+    """Sampling fields every generating endpoint takes (OpenAI's and vLLM's names).
 
     Fields named like :class:`dsv3.engine.SamplingParams` fields are passed to it by name
     (:func:`dsv3.serve.prepare.sampling_fields`); the others are read by the server.
     """
 
-    model: str
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Int = Field(1, ge=1, le=MAX_N)
-    stop: Union[str, list[str], None] = None
     seed: Int | None = Field(None, ge=-2**63, le=2**63 - 1 - MAX_N)   # torch generators take 64-bit seeds
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -88,9 +83,7 @@ class _Sampling(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None                     # token id (a string key) -> bias
-    max_tokens: Int | None = Field(None, ge=1)
     ignore_eos: bool = False                                        # vLLM extension (benchmarks)
-    user: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -107,6 +100,18 @@ class _Sampling(_Strict):
                 raise ValueError(f"biases must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], got {value}")
             out[int(key)] = float(value)
         return out
+
+
+class _Sampling(_SamplingFields):
+    """Fields shared by chat and completions requests."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    max_tokens: Int | None = Field(None, ge=1)
+    user: str | None = None
 
     def stop_list(self) -> list[str]:
         return check_stops(self.stop)
@@ -153,11 +158,12 @@ class CompletionRequest(_Sampling):
     best_of: Int | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(_SamplingFields):
     """``POST /v1/responses`` (the OpenAI Responses API): the fields this server acts on.
 
     ``input`` is a string or a list of items (messages, ``function_call`` and
-    ``function_call_output`` items); :mod:`dsv3.serve.responses` turns it into a chat.
+    ``function_call_output`` items); :mod:`dsv3.serve.responses` turns it into a chat. The sampling
+    fields beyond ``temperature`` and ``top_p`` are the same extensions chat requests take.
     """
 
     model: str
@@ -170,14 +176,6 @@ class ResponsesRequest(_Strict):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     max_output_tokens: Int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: Int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: Int | None = Field(None, ge=-2**63, le=2**63 - 1)
     previous_response_id: str | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None

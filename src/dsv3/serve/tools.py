@@ -27,14 +27,13 @@ from typing import Any, Collection
 
 from ..tokenizer import THINK_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 from .body import json_size_at_most
+from .limits import Limits
 from .protocol import APIError, limit_error
 from .schema import check_schema
 
 # OpenAI's rule for function names; it also keeps names safe to embed in a grammar literal.
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# A schema bigger than this (compact JSON) is refused unless the server is told otherwise.
-DEFAULT_MAX_SCHEMA_BYTES = 64 * 1024
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -104,15 +103,17 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def check_tools(tools: list[dict[str, Any]] | None, max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES
-                ) -> list[dict[str, Any]]:
+def check_tools(tools: list[dict[str, Any]] | None, max_schema_bytes: int | None = None) -> list[dict[str, Any]]:
     """Validate OpenAI ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
 
     Each ``parameters`` must be a JSON schema (:func:`dsv3.serve.schema.check_schema`) of at most
-    ``max_schema_bytes`` as compact JSON, and all tools together at most four times that.
+    ``max_schema_bytes`` as compact JSON (default: the server's), and all tools together at most four
+    times that.
     """
     if not tools:
         return []
+    if max_schema_bytes is None:
+        max_schema_bytes = Limits().max_schema_bytes
     total = 0
     for i, tool in enumerate(tools):
         fn = tool.get("function")
