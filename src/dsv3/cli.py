@@ -848,7 +848,7 @@ SUBCOMMANDS: list[Callable] = [add_info_parser, add_train_parser, add_generate_p
 # ``add_parsers(subparsers, bench, experiment)``: top-level commands go into ``subparsers``,
 # ``dsv3 bench NAME`` into ``bench`` and ``dsv3 experiment NAME`` into ``experiment``. These modules
 # must stay cheap to import (heavy imports go inside their cmd_* functions).
-FEATURE_CLIS: list[str] = ["dsv3.serve.cli", "dsv3.post.cli", "dsv3.quant.cli"]
+FEATURE_CLIS: list[str] = ["dsv3.serve.cli", "dsv3.post.cli", "dsv3.quant.cli", "dsv3.export.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
