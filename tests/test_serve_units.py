@@ -493,3 +493,13 @@ def test_limit_flags_come_from_the_dataclass():
     assert set(vars(p.parse_args([]))) == {f.name for f in fields(Limits)}
     with pytest.raises(SystemExit):
         p.parse_args(["--body-timeout", "0"])
+
+
+def test_big_replies_encode_in_pieces_to_the_same_json():
+    from dsv3.serve.streaming import dumps_in_pieces
+    rng = random.Random(0)
+    reply = {"id": "x", "choices": [{"text": "é" * 70_000, "logprobs": {
+        "token_logprobs": [None] + [rng.uniform(-9, 0) for _ in range(20_000)],
+        "top_logprobs": [None] + [{"a": -0.5, "\u2028b": -1.0}] * 20_000}}], "usage": {"total_tokens": 3}}
+    for value in (reply, [reply, {"k": []}], "short", {"small": [1, 2]}):
+        assert dumps_in_pieces(value) == json.dumps(value, ensure_ascii=False)

@@ -46,7 +46,7 @@ from .metrics import ServerMetrics
 from .prepare import ChatJob, CompletionJob, Preparer
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from .responses import ResponsesAPI
-from .streaming import ClientGone, ShuttingDown, log, raise_engine_error, shutting_down, sse
+from .streaming import ClientGone, ShuttingDown, json_reply, log, raise_engine_error, shutting_down, sse
 
 DEFAULT_MAX_PENDING = 256
 # While a handler waits for tokens it looks this often (seconds) whether its client is still there
@@ -427,8 +427,9 @@ class Server:
             choices.append({"index": i, "message": message, "finish_reason": reason,
                             "logprobs": {"content": lps[i]} if gens[i].params.logprobs is not None else None})
         completion = sum(len(x) for x in ids)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "system_fingerprint": None, "usage": usage(len(job.prompt), completion)}
+        return await json_reply({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                                 "choices": choices, "system_fingerprint": None,
+                                 "usage": usage(len(job.prompt), completion)})
 
     async def _chat_stream(self, gens, out, request, job: ChatJob, rid, created, include_usage):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
@@ -538,8 +539,9 @@ class Server:
             choices.append({"index": i, "text": job.echo[i] + parser.content, "finish_reason": finish[i],
                             "logprobs": lps[i] if req.logprobs is not None else None})
         completion = sum(len(x) for x in ids)
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": choices, "system_fingerprint": None, "usage": usage(prompt_tokens, completion)}
+        return await json_reply({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                 "choices": choices, "system_fingerprint": None,
+                                 "usage": usage(prompt_tokens, completion)})
 
     async def _completion_stream(self, req, job: CompletionJob, gens, out, request, rid, created, prompt_tokens,
                                  include_usage):

@@ -31,7 +31,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..tokenizer import THINK_END
 from .prepare import ChatJob, ChatSpec, sampling_fields
 from .protocol import APIError, ResponsesRequest, parse_body
-from .streaming import ClientGone, ShuttingDown, raise_engine_error, shutting_down, sse
+from .streaming import ClientGone, ShuttingDown, json_reply, raise_engine_error, shutting_down, sse
 
 if TYPE_CHECKING:
     from .app import Server
@@ -238,7 +238,7 @@ class ResponsesAPI:
         for call in parser.tool_calls:
             shell["output"].append(self._call_item(call, "completed"))
         shell["usage"] = self._usage(job, ids)
-        return self._finish(shell, reason)
+        return await json_reply(self._finish(shell, reason))
 
     @staticmethod
     def _call_item(call: dict, status: str, arguments: str | None = None) -> dict:
