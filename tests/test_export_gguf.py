@@ -457,3 +457,20 @@ def test_lm_head_tied_writes_no_output_tensor(tmp_path):
     export_gguf(src, tmp_path / "tied.gguf", "f32")
     names = {t.name for t in gguf.GGUFReader(tmp_path / "tied.gguf").tensors}
     assert "token_embd.weight" in names and "output.weight" not in names
+
+
+def test_fp8_checkpoint_exports_dequantized(tmp_path):
+    """An FP8 checkpoint (float8_e4m3fn + weight_scale_inv blocks) exports its dequantized weights."""
+    tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
+    cfg = tiny_config(**{**SHAPE, "vocab_size": tok.vocab_size, "num_nextn_predict_layers": 0})
+    torch.manual_seed(0)
+    dsv3.save_pretrained(far_from_ties_(dsv3.Transformer(cfg)), tmp_path / "fp8", fp8_weights=True,
+                         block_size=(32, 32))
+    tok.save(tmp_path / "fp8")
+    export_gguf(tmp_path / "fp8", tmp_path / "fp8.gguf", "f32")
+    loaded = dsv3.load_pretrained(tmp_path / "fp8", dtype=torch.float32).state_dict()
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "fp8.gguf").tensors}
+    np.testing.assert_array_equal(dequantized(tensors["blk.1.ffn_up_exps.weight"]),
+                                  loaded["layers.1.mlp.experts.up_proj"].numpy())
+    np.testing.assert_array_equal(dequantized(tensors["blk.0.attn_q_a.weight"]),
+                                  loaded["layers.0.self_attn.q_a_proj.weight"].numpy())

@@ -35,7 +35,7 @@ kv_lora_rank]`` (``kv_b_proj`` split per head, the key half transposed, for the 
 Norms, 1-D tensors and the router stay F32 in every output type, as llama.cpp's converter keeps them.
 
 **Streaming.** The checkpoint is loaded once by :func:`dsv3.load_pretrained` (its dtype; FP8
-dequantizes to bf16), then each GGUF tensor is converted and written straight to the file (header
+dequantizes to fp32, or to bf16 for a bf16 export: :func:`load_dtype`), then each GGUF tensor is converted and written straight to the file (header
 and tensor table first), stacked experts one expert at a time: the output never sits in memory.
 
 What llama.cpp cannot represent is refused with :class:`ExportError` naming the field.
@@ -504,6 +504,17 @@ def write_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab: Vocab, temp
         w.add_chat_template(template)
 
 
+def load_dtype(config: ModelConfig, out_type: str) -> torch.dtype | None:
+    """The dtype to load the checkpoint in so that every value is rounded once, to the output type:
+    the stored dtype (None) for f32/f16/bf16 checkpoints; for FP8 ones, whose dequantized values
+    (fp8 * fp32 scale) are exact only in fp32, float32 -- or bfloat16 for a bf16 export."""
+    fp8 = (config.quantization_config or {}).get("quant_method") == "fp8" or config.torch_dtype in (
+        "float8_e4m3fn", "fp8")
+    if not fp8:
+        return None
+    return torch.bfloat16 if out_type == "bf16" else torch.float32
+
+
 def export_gguf(src: str | os.PathLike, out: str | os.PathLike, out_type: str = "f16", pre: str | None = None,
                 name: str | None = None) -> dict:
     """Write the checkpoint directory ``src`` (HF layout with our tokenizer files) as GGUF ``out``.
@@ -525,7 +536,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, out_type: str = 
     tokenizer = Tokenizer.load(src)
     vocab = tokenizer_vocab(tokenizer, config.vocab_size, pre)
     template = chat_template(src)
-    model = load_pretrained(src)
+    model = load_pretrained(src, dtype=load_dtype(config, out_type))
     config = model.config  # without MTP when the checkpoint holds no MTP weights
     notes = check_config(config)
     if config.bos_token_id not in (None, tokenizer.bos_id) or config.eos_token_id not in (None, tokenizer.eos_id):
