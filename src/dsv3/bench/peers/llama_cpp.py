@@ -15,8 +15,9 @@ keeps it in its compute dtype, so an "equal precision" comparison is one -- and 
 default f16 otherwise; ``kv_type`` overrides it and the result reports it.
 
 Flash attention: ``flash_attn=None`` keeps llama.cpp's default (``auto``, which enables it on the
-CPU); its CPU kernel rounds inside the attention (measured: logits ~1e-3 relative off our fp32
-even with an f32 cache, against ~3e-6 with it off), so ``flash_attn=False`` is the exact-f32 setting.
+CPU) and llama.cpp then casts an f32 K/V to f16 for it (llama-graph.cpp ``build_attn_mha``):
+measured on a random tiny model, logits up to ~1e-3 of their range off our fp32 with an f32
+cache, against ~3e-5 with it off. ``flash_attn=False`` is the exact-f32 setting.
 
 Weights are loaded with ``use_extra_bufts=False``: llama.cpp's CPU repacking of DeepSeek tensors
 aborts (``GGML_ASSERT(*cur_backend_id != -1)``) for f16/q8_0 on AMX CPUs; the plain CPU buffers
