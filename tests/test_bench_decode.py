@@ -410,7 +410,7 @@ def test_parse_batches():
     (["--dtype", "float16"], "dtype must be one of float32, bfloat16"),
     (["--peer", "none", "--peer", "vllm"], "--peer none runs ours alone"),
     (["--random-preset", "tiny", "--batch", "1,8"], "--random-preset takes one --batch size"),
-    (["--random-preset", "tiny", "--peer", "vllm"], "takes no --speculative, --peer or --quantize"),
+    (["--random-preset", "tiny", "--peer", "vllm"], "takes no --speculative or --peer"),
 ])
 def test_bench_decode_flag_errors(model_dir, capsys, flags, message):
     argv = ["bench", "decode", *([] if "--random-preset" in flags else ["--model", model_dir]), *flags]

@@ -376,3 +376,13 @@ def test_auto_dtype_needs_bf16_units_and_a_measured_gain(monkeypatch):
 def test_bf16_decode_speedup_is_a_positive_ratio():
     from dsv3.cpu import bf16_decode_speedup
     assert bf16_decode_speedup(hidden=256, rows=(1,)) > 0
+
+
+def test_bench_decode_random_preset_quantized():
+    from dsv3.bench.decode_preset import bench_decode_roofline, format_bench_roofline
+    r = bench_decode_roofline("tiny", dtype="float32", quantize="int8", batch=1, prompt_len=4, gen_len=3, repeats=1)
+    assert r["quantize"] == "int8" and r["bytes_per_step"]["weights_by_dtype"]["int8"] > 0
+    x = r["results"][0]
+    assert x["cpu_step_ms_median"] > 0 and "weight-only int8" in format_bench_roofline(r)
+    with pytest.raises(ValueError, match="quantize"):
+        bench_decode_roofline("tiny", quantize="int2")

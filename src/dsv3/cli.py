@@ -784,8 +784,8 @@ def _write_json(path: str, result: dict) -> None:
 
 def _cmd_bench_roofline(args: argparse.Namespace) -> int:
     from .bench.decode import bench_decode_roofline, format_bench_roofline, parse_batches
-    if args.model is not None or args.speculative or args.peer or args.quantize:
-        raise CLIError("--random-preset replaces --model and takes no --speculative, --peer or --quantize")
+    if args.model is not None or args.speculative or args.peer:
+        raise CLIError("--random-preset replaces --model and takes no --speculative or --peer")
     try:
         batches = parse_batches(args.batch)
         if len(batches) != 1:
@@ -793,7 +793,7 @@ def _cmd_bench_roofline(args: argparse.Namespace) -> int:
         result = bench_decode_roofline(args.random_preset, dtype=args.dtype or "bfloat16", batch=batches[0],
                                        prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                                        seed=args.seed, device=args.device, threads=args.threads,
-                                       compile=args.compile)
+                                       compile=args.compile, quantize=args.quantize)
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(format_bench_roofline(result))

@@ -2,7 +2,14 @@
 memory-bandwidth roofline, with no checkpoint on disk (e.g. V2-Lite's shape on a GPU).
 
 Times our engine eagerly and, on CUDA, with CUDA graphs (and, with ``compile=True``, the compiled
-engine). Bytes per step and the bandwidth probe are :mod:`dsv3.bench.roofline`'s.
+engine). Bytes per step and the bandwidth probe are :mod:`dsv3.bench.roofline`'s. ``quantize``
+(``int8`` | ``int4``) quantizes the random model weight-only first (:mod:`dsv3.quant.weight_only`);
+its bytes per step are then counted from the stored tensors (``model_step_bytes``).
+
+Beside the wall-clock step time each engine gets its CPU time per step (``cpu_step_ms_median``,
+the calling thread's ``time.thread_time``): with ``threads=1`` that is what the step costs on an
+idle core, whatever else runs on the machine (on a shared 2-core machine the wall time can be
+several times larger, and varies with the other jobs).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import time
 import torch
 
 from .machine import cpu_info, load_average, sync
-from .roofline import bandwidth_probe, datasheet_bandwidth, decode_step_bytes
+from .roofline import bandwidth_probe, datasheet_bandwidth, decode_step_bytes, model_step_bytes
 from .train import machine_info, resolve_device, torch_threads
 
 WARMUP_TOKENS = 8        # new tokens per sequence in a warmup round (just enough to touch every code path)
@@ -49,7 +56,7 @@ def random_model(preset_name: str, dtype: torch.dtype, device: torch.device, see
 def bench_decode_roofline(preset_name: str = "v2-lite", dtype: str = "bfloat16", batch: int = 1,
                           prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, seed: int = 0,
                           device: str | torch.device | None = None, threads: int | None = None,
-                          compile: bool = False) -> dict:
+                          compile: bool = False, quantize: str | None = None) -> dict:
     """Decode speed of a random ``preset`` model against the memory-bandwidth roofline.
 
     Times our engine eagerly and, on CUDA, with CUDA graphs (``compile=True`` adds the engine with
@@ -69,15 +76,21 @@ def bench_decode_roofline(preset_name: str = "v2-lite", dtype: str = "bfloat16",
     from ..config import PRESETS
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize must be int8 or int4 (or None), got {quantize!r}")
     dev = resolve_device(device)
     with torch_threads(threads):
-        return _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev, compile)
+        return _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev, compile, quantize)
 
 
-def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev, compile=False) -> dict:
+def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, dev, compile=False,
+                    quantize=None) -> dict:
     from ..engine import LLM, SamplingParams
 
     model = random_model(preset_name, dt, dev, seed)
+    if quantize is not None:
+        from ..quant.weight_only import quantize_weight_only
+        quantize_weight_only(model, quantize)
     cfg = model.config
     prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed)
     kwargs = dict(max_num_seqs=batch, max_model_len=prompt_len + gen_len + 1, prefix_caching=False,
@@ -88,28 +101,33 @@ def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, 
     if compile:
         engines["compiled"] = LLM(model, compile=True, **kwargs)
 
-    def timed(llm, n: int) -> tuple[float, list]:
+    def timed(llm, n: int) -> tuple[float, float, list]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         outs = llm.generate(prompts, params)
         sync(dev)
-        return time.perf_counter() - t0, [o.token_ids for o in outs]
+        return time.perf_counter() - t0, time.thread_time() - c0, [o.token_ids for o in outs]
 
     for llm in engines.values():                      # warmup: kernels compile, graphs get captured
         timed(llm, min(gen_len, WARMUP_TOKENS))
     steps: dict[str, list[float]] = {name: [] for name in engines}
+    cpu_steps: dict[str, list[float]] = {name: [] for name in engines}
     tokens: dict[str, list] = {}
     for r in range(repeats):
         order = list(engines.items())
         order = order[r % len(order):] + order[: r % len(order)]
         for name, llm in order:
-            full, tokens[name] = timed(llm, gen_len)
-            prefill, _ = timed(llm, 1)
+            full, full_cpu, tokens[name] = timed(llm, gen_len)
+            prefill, prefill_cpu, _ = timed(llm, 1)
             steps[name].append(max(full - prefill, 1e-9) / (gen_len - 1))
+            cpu_steps[name].append(max(full_cpu - prefill_cpu, 1e-9) / (gen_len - 1))
 
     elsize = torch.empty(0, dtype=dt).element_size()
-    need = decode_step_bytes(cfg, batch, prompt_len + gen_len / 2, elsize)
+    if quantize is None:
+        need = decode_step_bytes(cfg, batch, prompt_len + gen_len / 2, elsize)
+    else:                                             # int8/int4 weights + scales, at their stored sizes
+        need = model_step_bytes(model, batch, prompt_len + gen_len / 2, elsize)
     probe = bandwidth_probe(dev)
     bw = probe["read_bytes_per_s"]
     gpu_name, sheet = datasheet_bandwidth(dev)
@@ -118,12 +136,14 @@ def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, 
         step = statistics.median(times)
         achieved = need["total"] / step
         results.append({"name": name, "step_ms_median": 1000 * step, "step_ms_all": [1000 * t for t in times],
+                        "cpu_step_ms_median": 1000 * statistics.median(cpu_steps[name]),
+                        "cpu_step_ms_all": [1000 * t for t in cpu_steps[name]],
                         "tokens_per_s": batch / step, "achieved_bytes_per_s": achieved,
                         "fraction_of_measured_bandwidth": achieved / bw,
                         "fraction_of_datasheet_bandwidth": achieved / sheet if sheet else None})
     out = {
         "benchmark": "decode_roofline",
-        "preset": preset_name, "dtype": str(dt).removeprefix("torch."), "random_weights": True,
+        "preset": preset_name, "dtype": str(dt).removeprefix("torch."), "quantize": quantize, "random_weights": True,
         "params": model.num_params(include_mtp=False), "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
         "repeats": repeats, "device_name": gpu_name,
         "machine": {**machine_info(torch.get_num_threads(), dev), **cpu_info(), "load_avg_after": load_average()},
@@ -157,18 +177,21 @@ def format_bench_roofline(r: dict) -> str:
     b = r["bytes_per_step"]
     sheet = r["datasheet_bandwidth_bytes_per_s"]
     lines = [
-        f"decode roofline: random {r['preset']} ({r['params'] / 1e9:.2f}B params) in {r['dtype']}, batch {r['batch']}, "
+        f"decode roofline: random {r['preset']} ({r['params'] / 1e9:.2f}B params) in {r['dtype']}"
+        + (f", weight-only {r['quantize']}" if r.get("quantize") else "") + f", batch {r['batch']}, "
         f"prompt {r['prompt_len']} + {r['gen_len']} new tokens; device {r['device_name']}, {r['machine']['date']}",
         f"bytes per decode step: weights {b['weights'] / 1e9:.3f} GB ({b['experts_per_moe_layer']:.1f} routed experts "
         f"per MoE layer) + latent cache {b['cache'] / 1e6:.2f} MB = {b['total'] / 1e9:.3f} GB",
         f"bandwidth: measured stream read {r['measured_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s"
         + (f", datasheet {sheet / 1e9:,.0f} GB/s" if sheet else ""),
         "",
-        f"  {'engine':<14} {'ms/step':>9} {'tokens/s':>10} {'GB/s':>8} {'of measured':>12} {'of datasheet':>13}",
+        f"  {'engine':<14} {'ms/step':>9} {'CPU ms':>8} {'tokens/s':>10} {'GB/s':>8} {'of measured':>12} "
+        f"{'of datasheet':>13}",
     ]
     for x in r["results"]:
         ds = x["fraction_of_datasheet_bandwidth"]
-        lines.append(f"  {x['name']:<14} {x['step_ms_median']:>9.3f} {x['tokens_per_s']:>10,.1f} "
+        lines.append(f"  {x['name']:<14} {x['step_ms_median']:>9.3f} {x.get('cpu_step_ms_median', float('nan')):>8.2f} "
+                     f"{x['tokens_per_s']:>10,.1f} "
                      f"{x['achieved_bytes_per_s'] / 1e9:>8,.1f} {100 * x['fraction_of_measured_bandwidth']:>11.1f}% "
                      + (f"{100 * ds:>12.1f}%" if ds else f"{'n/a':>13}"))
     if "cuda_graphs_speedup" in r:
