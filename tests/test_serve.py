@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,6 +18,7 @@ import openai
 import pytest
 from conftest import CHAT_WORDS, chat_checkpoint
 from pydantic import BaseModel, Field
+from serve_helpers import launch, stop, wait_up
 
 from dsv3.engine import LLM, SamplingParams
 from dsv3.tokenizer import THINK_END
@@ -35,59 +33,27 @@ def model_dir(tmp_path_factory):
     return chat_checkpoint(tmp_path_factory.mktemp("serve-ckpt"), max_position_embeddings=CONTEXT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(model_dir: str, *flags: str, env: dict | None = None):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", model_dir, "--port", str(port),
-                             "--threads", "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, text=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait(proc, base: str) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not come up")
-
-
 @pytest.fixture(scope="module")
 def launched(model_dir):
     """Both servers start together (their start-up is mostly imports; overlapping them saves time)."""
-    main = _launch(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
+    main = launch(model_dir, "--max-queue", "128", "--max-num-seqs", "64", "--served-model-name", "tiny")
     # API key from the environment, one sequence at a time, a queue of one, thinking by default.
-    small = _launch(model_dir, "--max-queue", "1", "--max-num-seqs", "1", "--reasoning",
-                    env={"DSV3_API_KEY": API_KEY})
-    yield main, small
-    for proc, _ in (main, small):
-        proc.terminate()
-    for proc, _ in (main, small):
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    small = launch(model_dir, "--max-queue", "1", "--max-num-seqs", "1", "--reasoning",
+                   env={"DSV3_API_KEY": API_KEY})
+    try:
+        yield main, small
+    finally:
+        stop(main[0], small[0])
 
 
 @pytest.fixture(scope="module")
 def server(launched):
-    return _wait(*launched[0])
+    return wait_up(*launched[0])
 
 
 @pytest.fixture(scope="module")
 def small_server(launched):
-    return _wait(*launched[1])
+    return wait_up(*launched[1])
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,9 @@ HEAVY = {
     "9,000 tools": (lambda: _chat(tools=[{"type": "function", "function": {
         "name": f"f{i}", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}
         for i in range(9000)]), "/v1/chat/completions", 400, "--max-tools"),
-    "a 20,000-value enum": (lambda: _chat(response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": {
-        "type": "object", "properties": {"v": {"enum": [f"value_{i}_x" for i in range(20_000)]}}}}}),
+    "a 20,000-value enum": (lambda: _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "e", "schema": {"type": "object", "properties": {
+            "v": {"enum": [f"value_{i}_x" for i in range(20_000)]}}}}}),
         "/v1/chat/completions", 400, "--grammar-timeout"),
 }
 
@@ -450,8 +451,8 @@ def test_chat_page_streams_in_a_browser(server, client, tmp_path):
         browser.screenshot(shot)
     finally:
         browser.close()
-    want = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the engine reads a prompt"}],
-                                          temperature=0, max_tokens=24,
+    want = client.chat.completions.create(model="tiny", temperature=0, max_tokens=24,
+                                          messages=[{"role": "user", "content": "the engine reads a prompt"}],
                                           extra_body={"chat_template_kwargs": {"thinking": True}}).choices[0]
     assert shown["error"] is None and shown["finish"] == want.finish_reason
     assert shown["thinking"] == want.message.reasoning_content and shown["content"] == (want.message.content or "")

@@ -183,8 +183,8 @@ def _openapi(app: FastAPI) -> dict:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js
-        doc["paths"][path]["post"]["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
     app.openapi_schema = doc
     return doc
 
