@@ -17,6 +17,7 @@ import torch._inductor.config
 from dsv3.engine.cuda_graph import CUDAGraphDecoder
 from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams, sample
+from dsv3.model import Transformer
 from dsv3.sample import generate
 from conftest import far_from_ties_
 from test_engine import PROMPTS, random_checkpoint
@@ -58,8 +59,8 @@ def test_uncaptured_static_steps_read_only_the_block_columns_in_use(model):
     plain = _run_staggered(LLM(model, block_size=4, max_model_len=64), greedy)
     llm = LLM(model, block_size=4, max_model_len=2048, max_num_seqs=6, cuda_graphs=True)
     graphs = llm.runner.graphs
-    widths, forward = [], graphs._forward
-    graphs._forward = lambda b, tables: widths.append(tables.shape[1]) or forward(b, tables)
+    widths, forward = [], graphs.steps["main"]
+    graphs.steps["main"] = lambda b, tables: widths.append(tables.shape[1]) or forward(b, tables)
     assert _run_staggered(llm, greedy) == plain
     longest = max(len(p) for p in PROMPTS) + 9
     assert widths and max(widths) <= -(-longest // 4) < graphs.max_blocks == 512
@@ -67,13 +68,21 @@ def test_uncaptured_static_steps_read_only_the_block_columns_in_use(model):
 
 
 def test_static_decode_with_mtp_speculation_equals_plain_greedy(model):
+    """Verification rows (last token + drafts) and MTP drafts run on the static buffers too."""
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = PROMPTS[:3]
     plain = _run_staggered(LLM(model, block_size=4, max_model_len=64), greedy, prompts)
-    with pytest.warns(RuntimeWarning, match="eager steps"):
-        spec = LLM(model, block_size=4, max_model_len=64, speculative="mtp", num_speculative_tokens=2,
-                   cuda_graphs=True)
+    spec = LLM(model, block_size=4, max_model_len=64, max_num_seqs=4, speculative="mtp", num_speculative_tokens=2,
+               cuda_graphs=True)
+    graphs = spec.runner.graphs
+    assert graphs.max_query_len == 3 and graphs.buckets[-1] == 12
+    rows = {"main": [], "mtp": []}
+    for kind in rows:
+        step = graphs.steps[kind]
+        graphs.steps[kind] = lambda b, tables, kind=kind, step=step: rows[kind].append(b) or step(b, tables)
     assert _run_staggered(spec, greedy, prompts) == plain
+    assert spec.spec_stats["verify_steps"] > 0
+    assert max(rows["main"]) >= 3 * 2 and rows["mtp"]        # verification of 2+ sequences; drafts
 
 
 def test_buckets_and_fit():
@@ -178,44 +187,113 @@ def test_decode_step_bytes_counts_the_parameters_a_step_touches(tiny_config):
     assert decode_step_bytes(cfg, 8, 10, 2)["experts_per_moe_layer"] <= E
 
 
-def test_gathered_experts_equal_the_expert_loop():
-    """The compilable expert formulation against RoutedExperts' reference loop (grad on: the loop)."""
-    from dsv3.engine.compiled import gathered_experts
-    from dsv3.model.moe import RoutedExperts
+def test_one_forward_serves_eager_and_compiled_steps(model):
+    """No second copy of the forward: the engine never walks the model's layers itself, and the
+    compiled steps wrap the very methods the eager static steps run, which call the model's own
+    ``hidden_states`` / ``mtp_states``."""
+    import ast
+    import pathlib
 
-    torch.manual_seed(0)
-    experts = RoutedExperts(8, 16, 12).double()
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(5, 16, dtype=torch.double)
-    topk = torch.stack([torch.randperm(8)[:3] for _ in range(5)])
-    weights = torch.rand(5, 3, dtype=torch.double)
-    with torch.enable_grad():
-        ref = experts(x, weights, topk)                         # the per-expert loop
-    torch.testing.assert_close(gathered_experts(experts, x, weights, topk), ref.detach())
+    import dsv3.engine
+
+    engine_dir = pathlib.Path(dsv3.engine.__file__).parent
+    assert not (engine_dir / "compiled.py").exists()
+    for path in engine_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("layers", "self_attn", "input_layernorm", "post_attention_layernorm"), \
+                    f"{path.name}:{node.lineno} reaches into the model's layers ({node.attr})"
+    llm = LLM(model, block_size=4, max_model_len=64, max_num_seqs=2, speculative="mtp", compile=True)
+    graphs = llm.runner.graphs
+    for kind, method in (("main", graphs._forward), ("mtp", graphs._forward_mtp)):
+        assert graphs.compiled[kind]._torchdynamo_orig_callable == method == graphs.steps[kind]
+    calls, real = [], {"hidden_states": Transformer.hidden_states, "mtp_states": Transformer.mtp_states}
+
+    def spy(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return real[name](self, *args, **kwargs)
+        return method
+
+    graphs.compiled = None                                        # the same steps, run eagerly
+    items = [([5], 3, [0, 1])]
+    with mock.patch.object(Transformer, "hidden_states", spy("hidden_states")), \
+         mock.patch.object(Transformer, "mtp_states", spy("mtp_states")):
+        graphs.run(items)
+        graphs.run_mtp(items, torch.zeros(1, model.config.hidden_size))
+    assert calls == ["hidden_states", "mtp_states"]
 
 
 @pytest.mark.slow
-def test_compiled_decode_steps_equal_plain_engine(tiny_config):
-    """LLM(compile=True): torch.compile of the whole static decode step (one bucket, one compile)."""
+def test_compiled_decode_steps_equal_plain_engine(tiny_config, monkeypatch):
+    """LLM(compile=True): torch.compile of the whole static decode step, one graph per batch bucket,
+    each with its bucket's experts (gathered for one sequence, grouped GEMMs for two here)."""
     import dsv3
+    import dsv3.engine.experts
 
+    # tiny: 8 experts, top-2. Bucket 1 reads 2 experts (gathered), bucket 2 reads 4 (> 0.25 * 8: grouped).
+    monkeypatch.setattr(dsv3.engine.experts, "GATHERED_MAX_READS_PER_EXPERT", 0.25)
     torch.manual_seed(1)
     model = far_from_ties_(dsv3.Transformer(tiny_config(num_nextn_predict_layers=0)).eval())   # 1 dense + 1 MoE
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    plain = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1).generate([PROMPTS[2]], greedy)
-    llm = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1, compile=True)
+    prompts = [PROMPTS[2], PROMPTS[4], PROMPTS[0]]     # two together, then the third alone
+    plain = _run_staggered(LLM(model, block_size=4, max_model_len=48, max_num_seqs=2), greedy, prompts)
+    llm = LLM(model, block_size=4, max_model_len=48, max_num_seqs=2, compile=True)
     torch._dynamo.utils.counters.clear()
     graphs = []                                        # the ops of each graph inductor generates code for
     with mock.patch.object(torch._inductor.config, "post_grad_custom_post_pass", _RecordOps(graphs)):
-        assert llm.generate([PROMPTS[2]], greedy)[0].token_ids == plain[0].token_ids
-    assert llm.runner.graphs._compiled is not None
-    # The block-table width grows during decoding (block_size 4) and stays symbolic: one graph.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    # The cache write stays in place: writing through a per-layer view of the cache made inductor
-    # scatter the whole layer back into the whole cache (a full copy every step).
-    assert len(graphs) == 1 and "aten.index_put.default" in graphs[0]
-    assert not [op for op in graphs[0] if op.endswith("_scatter.default")]
+        assert _run_staggered(llm, greedy, prompts) == plain
+    assert llm.runner.graphs.compiled is not None and llm.runner.graphs._compiled_once == {("main", 1), ("main", 2)}
+    # The block-table width grows during decoding (block_size 4) and stays symbolic: one graph per bucket.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 and len(graphs) == 2
+    grouped = ["dsv3.grouped_swiglu.default" in ops for ops in graphs]
+    assert sorted(grouped) == [False, True]            # (compiled in the order the buckets came)
+    for ops in graphs:
+        # The cache write stays in place: writing through a per-layer view of the cache made inductor
+        # scatter the whole layer back into the whole cache (a full copy every step).
+        assert "aten.index_put.default" in ops
+        assert not [op for op in ops if op.endswith("_scatter.default")]
+    # The model handed in keeps its own experts outside the compiled steps.
+    assert all(type(m.experts).__name__ == "RoutedExperts" for m in model.moe_layers())
+
+
+@pytest.mark.slow
+def test_compiled_bf16_decoding_equals_eager_on_a_model_far_from_ties(tiny_config):
+    """bf16: the compiled step (gathered experts, fused kernels) and the eager engine (grouped GEMMs)
+    round differently; away from near-tied logits that never changes a greedy token."""
+    import dsv3
+
+    torch.manual_seed(4)
+    model = far_from_ties_(dsv3.Transformer(tiny_config(num_nextn_predict_layers=0))).to(torch.bfloat16).eval()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    eager = [o.token_ids for o in LLM(model, block_size=4, max_model_len=48, max_num_seqs=1).generate(prompts, greedy)]
+    # Precondition, so the comparison means something: along the eager sequences, the fp32 model
+    # (same bf16-valued weights) keeps its top two logits >= 2% of the largest apart, far above
+    # bf16's rounding (which, at a real near-tie, may pick either token).
+    exact = dsv3.Transformer(model.config).eval()
+    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        for prompt, out in zip(prompts, eager):
+            logits = exact(torch.tensor([prompt + out[:-1]]))[0, len(prompt) - 1:].double()   # [8, V]
+            top = logits.topk(2, dim=-1).values
+            assert ((top[:, 0] - top[:, 1]) / logits.abs().amax(-1)).min() > 0.02
+            assert logits.argmax(-1).tolist() == out
+    compiled = LLM(model, block_size=4, max_model_len=48, max_num_seqs=1, compile=True).generate(prompts, greedy)
+    assert [o.token_ids for o in compiled] == eager
+
+
+@pytest.mark.slow
+def test_mtp_speculation_under_compile_equals_plain_greedy(model):
+    """speculative='mtp' with compile=True: verification rows and drafts run in compiled steps."""
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    plain = LLM(model, block_size=4, max_model_len=64).generate([PROMPTS[2]], greedy)
+    spec = LLM(model, block_size=4, max_model_len=64, max_num_seqs=1, speculative="mtp", num_speculative_tokens=1,
+               compile=True)
+    assert spec.generate([PROMPTS[2]], greedy)[0].token_ids == plain[0].token_ids
+    compiled = spec.runner.graphs._compiled_once
+    assert ("main", 2) in compiled and any(kind == "mtp" for kind, _ in compiled)   # verify (1 + 1 rows), drafts
+    assert spec.spec_stats["verify_steps"] > 0
 
 
 class _RecordOps:
@@ -275,3 +353,33 @@ def test_engine_stores_its_own_linear_weights_column_major(tmp_path):
     half = dsv3.load_pretrained(path, dtype=torch.bfloat16)
     assert column_major_linears(half) == 0 and all(p.is_contiguous() for p in half.parameters())
     assert column_major_linears(dsv3.load_pretrained(path)) == len(linears)
+
+
+class _HostCountExperts(torch.nn.Module):
+    """An experts implementation that reads its token counts on the host (as the reference loop
+    and the weight-only quantized experts do): it cannot be part of one compiled graph."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.inner = experts
+
+    def forward(self, x, weights, topk):
+        from dsv3.model.moe import dispatch_experts, swiglu_expert
+        e = self.inner
+        return dispatch_experts(x, weights, topk, list(zip(e.gate_proj, e.up_proj, e.down_proj)), swiglu_expert)
+
+
+def test_compiled_steps_fall_back_to_eager_static_steps_when_the_experts_do_not_compile(model):
+    import copy
+
+    from dsv3.engine.experts import use_experts
+
+    m = copy.deepcopy(model)
+    use_experts(m, _HostCountExperts)                  # not a RoutedExperts: the engine keeps it
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = LLM(m, block_size=4, max_model_len=64).generate(PROMPTS[:2], greedy)
+    llm = LLM(m, block_size=4, max_model_len=64, max_num_seqs=2, compile=True)
+    with pytest.warns(RuntimeWarning, match="cannot take the main decode step whole"):
+        out = llm.generate(PROMPTS[:2], greedy)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert llm.runner.graphs.compiled is None

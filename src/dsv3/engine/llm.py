@@ -10,7 +10,6 @@ Requests join and leave the running batch independently; each step runs every ru
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
@@ -96,14 +95,6 @@ class LLM:
                                       self.model.embed_tokens.weight.dtype, self.device)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
-        # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
-        # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
-        # compile: the same static-shape decode steps through torch.compile (the first step of each
-        # batch bucket compiles: 5 s to a few minutes); on CUDA the compiled step is then captured.
-        if cuda_graphs or compile:
-            from .cuda_graph import CUDAGraphDecoder
-            self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
-                                                  capture=self.device.type == "cuda", compile=compile)
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative={speculative!r}: only None or 'mtp'")
         if speculative == "mtp" and not self.model.mtp:
@@ -111,12 +102,16 @@ class LLM:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
-        if self.num_spec and (compile or cuda_graphs):
-            # Static steps take one token per sequence; verification rows and MTP drafts run eagerly.
-            warnings.warn("speculative='mtp' verifies and drafts with eager steps: only requests that "
-                          "cannot speculate (penalties, logprobs) use the compiled/captured decode steps; "
-                          "on small models plain decoding with compile=True is faster", RuntimeWarning,
-                          stacklevel=2)
+        # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
+        # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
+        # compile: the same static-shape steps through torch.compile (the first step of each bucket
+        # compiles: 5 s to a few minutes); on CUDA the compiled step is then captured. With MTP
+        # speculation the verification rows (1 + num_spec per sequence) and the drafts run there too.
+        if cuda_graphs or compile:
+            from .cuda_graph import CUDAGraphDecoder
+            self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
+                                                  capture=self.device.type == "cuda", compile=compile,
+                                                  max_query_len=1 + self.num_spec)
         self._spec_counts = {"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)

@@ -4,8 +4,10 @@ The new tokens of all scheduled sequences are packed into one row ``[1, N]`` wit
 positions; :class:`PagedBatch` routes each layer's attention through the sequences' block tables.
 When every sequence brings at most ``max_row_queries`` tokens (decoding, verifying speculative
 drafts) each token is an attention row of its own over the paged cache; longer prompt chunks are
-attended sequence by sequence. On CUDA, pure decode steps of the main model replay a captured
-graph (:class:`dsv3.engine.cuda_graph.CUDAGraphDecoder`) when one is enabled.
+attended sequence by sequence. When static steps are enabled (:class:`dsv3.engine.cuda_graph.CUDAGraphDecoder`:
+CUDA graphs and/or ``torch.compile``), every step whose sequences bring at most its
+``max_query_len`` tokens (decoding, verifying drafts, MTP drafting) runs there instead, through the
+same model forward.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache, max_row_queries: int = 16):
         self.model, self.cache, self.max_row_queries = model, cache, max_row_queries
         self.device = model.embed_tokens.weight.device
-        self.graphs = None      # a CUDAGraphDecoder, set by the engine when CUDA graphs are on
+        self.graphs = None      # a CUDAGraphDecoder, set by the engine (cuda_graphs or compile)
 
     def _pack(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch, list[slice]]:
         """-> input_ids [1, N], positions [N], the attention metadata, each item's slice of the N rows."""
@@ -60,9 +62,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[Item]) -> list[torch.Tensor]:
         """Main model over each item's tokens -> per item the final normed hidden states [n, D]."""
-        if self.graphs is not None and all(len(toks) == 1 for toks, _, _ in items) and self.graphs.fits(items):
-            h = self.graphs.run(items)
-            return list(h.split(1))
+        if self.graphs is not None and self.graphs.fits(items):
+            return list(self.graphs.run(items).split([len(toks) for toks, _, _ in items]))
         input_ids, positions, meta, rows = self._pack(items)
         h, _, _ = self.model.hidden_states(input_ids, cache=meta, absorb=True, positions=positions)
         return [h[0, r] for r in rows]
@@ -71,10 +72,10 @@ class ModelRunner:
     def forward_mtp(self, items: list[Item], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """The (first) MTP module: item tokens are t_{i+1}, ``hidden`` the matching h_i [n, D]
         -> per item the module's hidden states [n, D] (before its norm). Writes the MTP cache layer."""
+        if self.graphs is not None and self.graphs.fits(items):
+            return list(self.graphs.run_mtp(items, torch.cat(hidden)).split([len(toks) for toks, _, _ in items]))
         input_ids, positions, meta, rows = self._pack(items)
-        module = self.model.mtp[0]
-        cos, sin = self.model.rope(positions)
-        out = module(torch.cat(hidden)[None], self.model.embed_tokens(input_ids), cos, sin, cache=meta, absorb=True)
+        out = self.model.mtp_states(input_ids, torch.cat(hidden)[None], positions, cache=meta, absorb=True)
         return [out[0, r] for r in rows]
 
     @torch.inference_mode()

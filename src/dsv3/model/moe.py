@@ -87,7 +87,14 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """``E`` SwiGLU experts with stacked weights: gate/up ``[E, I, D]``, down ``[E, D, I]``."""
+    """``E`` SwiGLU experts with stacked weights: gate/up ``[E, I, D]``, down ``[E, D, I]``.
+
+    The reference implementation. Other implementations (``kernels/gathered_experts.py``,
+    ``kernels/grouped_experts.py``, quantized ones in ``quant/``) are separate modules with the same
+    contract, ``forward(x [T, D], weights [T, k] fp32, topk [T, k] int64) -> [T, D]``, that take over
+    these Parameters; the engine puts them in place by module replacement
+    (:func:`dsv3.engine.experts.use_experts`), never through a flag in here.
+    """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -97,6 +104,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
+        # The grouped GEMMs are chosen here, not by swapping modules, because training uses them
+        # too (CUDA bf16): the trainer, FSDP, expert parallel and FP8 training all work on plain
+        # RoutedExperts and would otherwise each have to swap. The choice depends on the device,
+        # dtype and grad mode only, never on tensor values, so a graph stays one graph.
         if grouped_mm_usable(x, self.gate_proj):  # three grouped GEMMs, same function (kernels/)
             return grouped_swiglu(x, weights, topk, self.gate_proj, self.up_proj, self.down_proj)
         # unbind gives per-expert views whose backward stacks the E gradients once; indexing

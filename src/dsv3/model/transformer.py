@@ -95,6 +95,14 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, start_pos, absorb)
         return self.norm(h), cos, sin
 
+    def mtp_states(self, input_ids: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cache=None,
+                   absorb: bool = False) -> torch.Tensor:
+        """The first MTP module at explicit positions over a cache (speculative drafting): tokens
+        ``input_ids [B, S]`` are t_{i+1}, ``h [B, S, D]`` the matching h_i, ``positions [S]`` the i
+        -> the module's hidden states ``[B, S, D]`` (before its norm)."""
+        cos, sin = self.rope(positions)
+        return self.mtp[0](h, self.embed_tokens(input_ids), cos, sin, cache=cache, absorb=absorb)
+
     def mtp_forward(self, input_ids: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over a whole sequence: depth k's logits at position i predict token i+k+1."""
         return [self.lm_head(hk).float() for hk in self.mtp_hidden_states(input_ids, h, cos, sin)]
