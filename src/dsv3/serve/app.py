@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import gc
 import hmac
 import time
@@ -167,6 +168,7 @@ def create_app(llm, model_name: str, *, api_key: str | None = None, max_pending:
     return app
 
 
+@functools.lru_cache(maxsize=1)
 def _page_html() -> str:
     return resources.files("dsv3.serve").joinpath("page.html").read_text(encoding="utf-8")
 
