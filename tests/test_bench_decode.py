@@ -171,9 +171,13 @@ def test_a_failing_peer_is_dropped_and_recorded(model_dir):
     log: list[str] = []
     same = ours_tokens(model_dir)
     flaky = FakePeer("flaky", log, same, fail_on_call=2)     # the warmup works, the first timed round fails
+    lines: list[str] = []
     r = bench_decode(model_dir, batch="1,2", prompt_len=4, gen_len=3, repeats=2, warmup=1, peers=[flaky],
-                     roofline=False)
-    assert r["errors"]["flaky"] == "batch 1: RuntimeError: fake peer crashed"
+                     roofline=False, progress=lines.append)
+    assert lines[0].startswith("batch 1 warmup: dsv3 ") and lines[1].startswith("batch 1 warmup: fake-flaky ")
+    assert "batch 1 round 1/2: fake-flaky failed: batch 1: RuntimeError: fake peer crashed" in lines
+    assert r["errors"]["flaky"] == "batch 1: RuntimeError: fake peer crashed\nsecond line"
+    assert "flaky: failed: batch 1: RuntimeError: fake peer crashed ... second line" in format_bench_decode(r)
     assert log == ["fake-flaky", "fake-flaky"]               # never called again, also not at batch 2
     assert all(x["key"] == "dsv3" for run in r["runs"] for x in run["results"])
 

@@ -821,7 +821,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
                               num_speculative_tokens=args.num_speculative_tokens, repeats=args.repeats,
                               warmup=args.warmup, device=args.device, compile=args.compile, peers=peers,
                               dtype=args.dtype or "float32", quantize=args.quantize, gguf_dir=args.gguf_dir,
-                              roofline=not args.no_roofline)
+                              roofline=not args.no_roofline, progress=lambda line: print(line, file=sys.stderr,
+                                                                                          flush=True))
     except ValueError as e:
         raise CLIError(str(e)) from e
     print(format_bench_decode(result))

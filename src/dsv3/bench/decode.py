@@ -141,9 +141,10 @@ def _spec_stats(llm) -> dict:
     return dict(stats) if stats else {}
 
 
-def _error_text(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+def _error_text(e: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of a peer's exception; its log tail included (vLLM's), cut to the last ``limit`` chars."""
+    text = f"{type(e).__name__}: {str(e).strip()}".rstrip(": ")
+    return text if len(text) <= limit else text[:200] + "\n...\n" + text[-(limit - 200):]
 
 
 def summarize_rounds(name: str, info: dict, rounds: list[dict], batch: int, gen_len: int) -> dict:
@@ -183,7 +184,7 @@ def bench_decode(model: str | Path, batch: int | str | Sequence[int] = 1, prompt
                  num_speculative_tokens: int = 1, repeats: int = 3, warmup: int = 1,
                  device: str | torch.device | None = None, compile: bool = False,
                  peers: Sequence[str | Peer] | None = None, dtype: str = "float32", quantize: str | None = None,
-                 gguf_dir: str | Path | None = None, roofline: bool = True) -> dict:
+                 gguf_dir: str | Path | None = None, roofline: bool = True, progress=None) -> dict:
     """Time greedy decoding of ours and of ``peers`` on the checkpoint directory ``model``.
 
     ``batch``: one batch size or several (``"1,8,32"``); each is run in turn with all engines.
@@ -193,7 +194,8 @@ def bench_decode(model: str | Path, batch: int | str | Sequence[int] = 1, prompt
     precision; each peer runs at its equal one or is skipped with the reason. ``gguf_dir`` keeps the
     GGUF files llama.cpp gets (reused on the next run; default: a temporary directory). ``repeats``
     timed rounds per batch after ``warmup`` untimed ones (of ``WARMUP_TOKENS`` new tokens).
-    ``roofline``: probe the memory bandwidth and report the fraction of the roofline. Returns a
+    ``roofline``: probe the memory bandwidth and report the fraction of the roofline. ``progress``:
+    called with a line of text after every round (the CLI prints them to stderr). Returns a
     JSON-ready dict; with a single batch size its fields are also at the top level (as before).
     """
     batches = parse_batches(batch)
@@ -225,14 +227,15 @@ def bench_decode(model: str | Path, batch: int | str | Sequence[int] = 1, prompt
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="dsv3-bench-") as tmp:
         workdir = Path(gguf_dir) if gguf_dir is not None else Path(tmp)
         out = _bench_decode(Path(model), batches, prompt_len, gen_len, seed, speculative, num_speculative_tokens,
-                            repeats, warmup, dev, compile, peer_objs, precision, workdir, roofline)
+                            repeats, warmup, dev, compile, peer_objs, precision, workdir, roofline,
+                            progress or (lambda line: None))
     out["dtype_requested"] = dtype_requested
     return out
 
 
 def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len: int, seed: int,
                   speculative: str | None, k: int, repeats: int, warmup: int, dev: torch.device, compile: bool,
-                  peers: list[Peer], precision: Precision, workdir: Path, roofline: bool) -> dict:
+                  peers: list[Peer], precision: Precision, workdir: Path, roofline: bool, progress) -> dict:
     from ..engine import LLM
 
     load_before = load_average()
@@ -287,7 +290,7 @@ def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len:
     runs = []
     for b in batches:
         runs.append(_run_batch(engines, b, prompt_len, gen_len, seed, repeats, warmup, counter, cfg, spec_llm,
-                               errors, failed))
+                               errors, failed, progress))
     bw_after = bandwidth_probe(dev) if roofline else None
 
     out: dict = {
@@ -354,7 +357,7 @@ def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len:
 
 def _run_batch(engines: list[tuple[str, object]], batch: int, prompt_len: int, gen_len: int, seed: int,
                repeats: int, warmup: int, counter: ExpertCounter | None, cfg, spec_llm, errors: dict,
-               failed: set) -> dict:
+               failed: set, progress) -> dict:
     """All engines on one batch size: warmup rounds, then ``repeats`` rotated timed rounds."""
     prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed)
     warm_tokens = min(gen_len, WARMUP_TOKENS)
@@ -362,7 +365,7 @@ def _run_batch(engines: list[tuple[str, object]], batch: int, prompt_len: int, g
     last: dict[str, list[list[int]]] = {}
     warmup_s: dict[str, float] = {}
 
-    def turn(key: str, eng, n: int, timed: bool, on_step=None) -> None:
+    def turn(key: str, eng, n: int, timed: bool, on_step=None, label: str = "warmup") -> None:
         if key in failed:
             return
         t0 = time.perf_counter()
@@ -373,7 +376,10 @@ def _run_batch(engines: list[tuple[str, object]], batch: int, prompt_len: int, g
                 raise                                    # ours failing is a bug, not a result
             errors[key] = f"batch {batch}: {_error_text(e)}"
             failed.add(key)                              # a failing peer is dropped from the rest of the run
+            progress(f"batch {batch} {label}: {eng.name} failed: {errors[key].splitlines()[0]}")
             return
+        progress(f"batch {batch} {label}: {eng.name} {time.perf_counter() - t0:.2f} s"
+                 + (f" (prefill {r['prefill_s']:.3f} s + decode {r['decode_s']:.3f} s)" if timed else ""))
         if not timed:
             warmup_s.setdefault(key, time.perf_counter() - t0)
             return
@@ -405,7 +411,7 @@ def _run_batch(engines: list[tuple[str, object]], batch: int, prompt_len: int, g
         live = [(key, eng) for key, eng in engines if key not in failed]
         shift = r % len(live)
         for key, eng in live[shift:] + live[:shift]:
-            turn(key, eng, gen_len, True)
+            turn(key, eng, gen_len, True, label=f"round {r + 1}/{repeats}")
 
     results = []
     for key, eng in engines:
@@ -537,7 +543,8 @@ def format_bench_decode(r: dict) -> str:
                      f"layers of keys {t['key_shape']} + values {t['value_shape']} {t['dtype']}); "
                      f"transformers / ours = {c['ratio_transformers_over_ours']:.2f}x")
     for name, err in r.get("errors", {}).items():
-        lines.append(f"{name}: failed: {err}")
+        first, *rest = err.splitlines()
+        lines.append(f"{name}: failed: {first}" + (f" ... {rest[-1].strip()}" if rest else ""))
     return "\n".join(lines)
 
 
