@@ -81,7 +81,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         raise ValueError(f"input has {x.shape[-1]} features, the int8 weight {tuple(q.shape)} expects {q.shape[1]}")
     lead = x.shape[:-1]
     cd = scale.dtype
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(cd), q, scale).to(x.dtype)   # [M, N]
+    a = x.reshape(-1, x.shape[-1]).to(cd).contiguous()                     # [M, K]; the kernel reads rows densely
+    y = torch.ops.aten._weight_int8pack_mm(a, q, scale).to(x.dtype)        # [M, N]
     if bias is not None:                      # added in x's dtype, not in the kernel's (bf16 would round it)
         y = y + bias.to(y.dtype)
     return y.view(*lead, q.shape[0])
@@ -143,8 +144,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zeros: torch.Te
         raise ValueError(f"input has {x.shape[-1]} features, the int4 weight ({n} x {k}) expects {k}")
     lead = x.shape[:-1]
     cd = scale_and_zeros.dtype
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(cd), packed, group_size,
-                                                     scale_and_zeros).to(x.dtype)                   # [M, N]
+    a = x.reshape(-1, k).to(cd).contiguous()                                                    # [M, K]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, group_size, scale_and_zeros).to(x.dtype)  # [M, N]
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.view(*lead, n)

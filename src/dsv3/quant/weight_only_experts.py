@@ -26,46 +26,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int_weights import (KernelFormatBuffers, check_int4_shape, int4_linear, int8_linear, kernel_dtype, pack_int4,
-                          quantize_int4, quantize_int8)
+from .int_weights import KernelFormatBuffers, check_int4_shape, kernel_dtype, pack_int4, quantize_int4, quantize_int8
 
 
-def _expert_loop(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, n_experts: int,
+def _expert_loop(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, n_experts: int, cd: torch.dtype,
                  gate_up: Callable[[torch.Tensor, int], torch.Tensor],
                  down: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """``sum_k weights[t, k] * expert_{topk[t, k]}(x[t])`` -> [T, D] in x's dtype, one pass per used expert.
 
-    ``gate_up(chunk [n, D], e) -> [n, 2I]`` and ``down(h [n, I], e) -> [n, D]`` are expert ``e``'s GEMMs.
-    The route weight scales the I-wide hidden state, as the reference does (down is linear).
+    ``gate_up(chunk [n, D], e) -> [n, 2I]`` and ``down(h [n, I], e) -> [n, D]`` are expert ``e``'s
+    kernel calls, on contiguous rows in the kernel dtype ``cd``. Only those two run per expert: the
+    casts, the SwiGLU and the scatter back to the tokens run once on all ``T*k`` rows (per-expert small
+    ops used to cost more than the GEMMs at batch 8). The route weight scales the I-wide hidden state,
+    as the reference does (down is linear).
     """
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
     k = topk.shape[1]
     flat = topk.flatten()
     order = flat.argsort(stable=True)                         # token slots grouped by expert
     token = order // k                                        # [T*k]
     counts = torch.bincount(flat, minlength=n_experts).tolist()
-    xs = x.index_select(0, token)                             # [T*k, D]
+    xs = x.index_select(0, token).to(cd)                      # [T*k, D], rows grouped by expert
+    used = [(e, n) for e, n in enumerate(counts) if n]
+    bounds = [0]
+    for _, n in used:
+        bounds.append(bounds[-1] + n)
+    gu = torch.cat([gate_up(xs[bounds[i]:bounds[i + 1]], e) for i, (e, _) in enumerate(used)])   # [T*k, 2I]
+    g, u = gu.float().chunk(2, dim=-1)
     route_w = weights.flatten()[order].unsqueeze(-1).float()  # [T*k, 1]
+    h = (F.silu(g) * u * route_w).to(cd)                      # [T*k, I]
+    y = torch.cat([down(h[bounds[i]:bounds[i + 1]], e) for i, (e, _) in enumerate(used)])      # [T*k, D]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        start += n
-        gu = gate_up(xs[rows], e).float()                     # [n, 2I]
-        g, u = gu.chunk(2, dim=-1)
-        h = F.silu(g) * u * route_w[rows]                     # [n, I] fp32
-        out.index_add_(0, token[rows], down(h, e).float())    # [n, D]
-    return out.to(x.dtype)
+    return out.index_add_(0, token, y.float()).to(x.dtype)
 
 
 @torch.library.custom_op("dsv3::int8_experts", mutates_args=())
 def int8_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
                  gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor) -> torch.Tensor:
     """Routed SwiGLU experts with int8 weights (layout in the module docstring) -> [T, D]."""
-    return _expert_loop(x, weights, topk, gate_up.shape[0],
-                        lambda c, e: int8_linear(c, gate_up[e], gate_up_scale[e]),
-                        lambda h, e: int8_linear(h, down[e], down_scale[e]))
+    mm = torch.ops.aten._weight_int8pack_mm
+    return _expert_loop(x, weights, topk, gate_up.shape[0], gate_up_scale.dtype,
+                        lambda c, e: mm(c, gate_up[e], gate_up_scale[e]),
+                        lambda h, e: mm(h, down[e], down_scale[e]))
 
 
 @int8_experts.register_fake
@@ -77,9 +80,10 @@ def _(x, weights, topk, gate_up, gate_up_scale, down, down_scale):
 def int4_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
                  gate_up_sz: torch.Tensor, down: torch.Tensor, down_sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """Routed SwiGLU experts with int4 weights (layout in the module docstring) -> [T, D]."""
-    return _expert_loop(x, weights, topk, gate_up.shape[0],
-                        lambda c, e: int4_linear(c, gate_up[e], gate_up_sz[e], group_size),
-                        lambda h, e: int4_linear(h, down[e], down_sz[e], group_size))
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    return _expert_loop(x, weights, topk, gate_up.shape[0], gate_up_sz.dtype,
+                        lambda c, e: mm(c, gate_up[e], group_size, gate_up_sz[e]),
+                        lambda h, e: mm(h, down[e], group_size, down_sz[e]))
 
 
 @int4_experts.register_fake
