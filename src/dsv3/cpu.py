@@ -31,40 +31,44 @@ RECORDED_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx
 BF16_MARGIN = 1.05
 
 
-def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:
-    """(model name, flags) of the first processor listed in ``path``; (None, {}) when unreadable."""
-    model, flags = None, frozenset()
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, str | None, frozenset[str]]:
+    """(model name, vendor, flags) of the first processor listed in ``path``; Nones and {} when unreadable."""
+    model = vendor = None
+    flags: frozenset[str] = frozenset()
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
+                if not line.strip() and (model or flags):
+                    break                                           # end of the first processor's block
                 key, _, value = line.partition(":")
                 key = key.strip()
                 if key == "model name" and model is None:
                     model = value.strip()
+                elif key == "vendor_id" and vendor is None:
+                    vendor = value.strip()
                 elif key in ("flags", "Features") and not flags:   # x86 / aarch64 spelling
                     flags = frozenset(value.split())
-                if model is not None and flags:
-                    break
     except OSError:
         pass
-    return model, flags
+    return model, vendor, flags
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """This CPU: ``{"model", "arch", "torch_cpu_capability", "flags" {name: bool}, "bf16_units" [..]}``.
+    """This CPU: ``{"model", "vendor", "arch", "torch_cpu_capability", "flags" {name: bool}, "bf16_units" [..]}``.
 
     ``torch_cpu_capability`` is the level ATen's vectorized kernels dispatch to (``AVX2``, ``AVX512``,
     ...), which can be lower than the flags allow; ``bf16_units`` lists the :data:`BF16_UNIT_FLAGS`
     present (empty: bf16 math is emulated through fp32). Cached: the CPU does not change under a process.
     """
-    model, flags = _cpuinfo(cpuinfo)
+    model, vendor, flags = _cpuinfo(cpuinfo)
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         capability = None
     return {
         "model": model or platform.processor() or None,
+        "vendor": vendor,
         "arch": platform.machine(),
         "torch_cpu_capability": capability,
         "flags": {name: name in flags for name in RECORDED_FLAGS},
