@@ -35,17 +35,18 @@ def gathered_swiglu(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, 
     """
     T, k = topk.shape
     dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation, float64 stays float64
     expert, order = topk.flatten().sort(stable=True)                     # [S = T*k], slots grouped by expert
     # Products summed in fp32 and rounded once, as a GEMM does (bf16 products rounded one by one
     # would lose most of their bits); the upcasts fuse into the loops, nothing fp32 is stored.
-    xs = x[order // k][:, None, :].float()                                 # [S, 1, D]
-    gate = (xs * gate_proj[expert].float()).sum(-1).to(dtype)              # [S, I]
-    up = (xs * up_proj[expert].float()).sum(-1).to(dtype)                  # [S, I]
-    route_w = weights.flatten()[order].unsqueeze(-1).float()               # [S, 1]
-    h = (F.silu(gate.float()) * up.float() * route_w).to(dtype)           # [S, I]
-    y = (h[:, None, :].float() * down_proj[expert].float()).sum(-1).to(dtype)   # [S, D]
+    xs = x[order // k][:, None, :].to(acc)                                 # [S, 1, D]
+    gate = (xs * gate_proj[expert].to(acc)).sum(-1).to(dtype)              # [S, I]
+    up = (xs * up_proj[expert].to(acc)).sum(-1).to(dtype)                  # [S, I]
+    route_w = weights.flatten()[order].unsqueeze(-1).to(acc)               # [S, 1]
+    h = (F.silu(gate.to(acc)) * up.to(acc) * route_w).to(dtype)           # [S, I]
+    y = (h[:, None, :].to(acc) * down_proj[expert].to(acc)).sum(-1).to(dtype)   # [S, D]
     # Back to slot order (row t*k+j is slot (t, j)), then each token's k rows summed in fp32.
-    return y[order.argsort()].view(T, k, -1).float().sum(1).to(dtype)     # [T, D]
+    return y[order.argsort()].view(T, k, -1).to(acc).sum(1).to(dtype)     # [T, D]
 
 
 class GatheredExperts(nn.Module):
