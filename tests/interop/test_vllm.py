@@ -35,7 +35,9 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, nu
              num_key_value_heads=4, kv_lora_rank=512, q_lora_rank=32, qk_rope_head_dim=64, qk_nope_head_dim=32,
              v_head_dim=32, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
              max_position_embeddings=512)
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+# factor x original = max_position_embeddings, as in V3's own config (40 x 4096 = 163840): vLLM sizes
+# its YaRN cos/sin table from the product.
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
 FLAVOURS = {
     # positions past original_max_position_embeddings, so the YaRN ramp and mscale matter
@@ -114,7 +116,7 @@ def test_vllm_greedy_tokens_equal_ours(model_dir, reference, batch):
 def test_vllm_flavours_equal_ours(tmp_path, flavour):
     """YaRN (past the original context) and V2 routing: greedy tokens equal ours at batch 2."""
     path = chat_checkpoint(tmp_path / flavour, **{**SHAPE, **FLAVOURS[flavour]})
-    # long prompts: RoPE positions run past original_max_position_embeddings (32)
+    # long prompts (80-124 tokens): RoPE positions run past original_max_position_embeddings (64)
     prompts = [p * 4 for p in encode(path, TEXTS[:3])]
     out = run_vllm(path, prompts, NEW_TOKENS, threads=THREADS, batch=2)
     assert_same_tokens(out["tokens"], ours(path, prompts), flavour)

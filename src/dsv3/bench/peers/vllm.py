@@ -178,24 +178,37 @@ def run_vllm(model_dir, prompts: list[list[int]], max_new_tokens: int, threads: 
     env = {**os.environ, **thread_env(threads, kv_cache_gib)}
     env.pop("PYTHONPATH", None)      # nothing of dsv3's venv may leak into vLLM's interpreter
 
+    if log_path:
+        log = Path(log_path)
+    else:   # kept after a failure: the root cause is often far above the last lines
+        fd, name = tempfile.mkstemp(prefix="dsv3-vllm-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
     with tempfile.TemporaryDirectory(prefix="dsv3-vllm-") as tmp:
         req_path, out_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        log = Path(log_path) if log_path else Path(tmp) / "vllm.log"
         req_path.write_text(json.dumps(req))
         with open(log, "w") as logf:
             try:
                 proc = subprocess.run([str(py), str(WORKER), str(req_path), str(out_path)], env=env,
                                       stdout=logf, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=tmp)
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"vLLM did not finish within {timeout_s:.0f} s:\n{_tail(log)}") from None
+                raise RuntimeError(f"vLLM did not finish within {timeout_s:.0f} s{_summary(log)}") from None
         if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"vLLM worker exited with {proc.returncode}:\n{_tail(log)}")
+            raise RuntimeError(f"vLLM worker exited with {proc.returncode}{_summary(log)}")
         result = json.loads(out_path.read_text())
+    if not log_path:
+        log.unlink()
     result.update(threads=threads, batch=batch, python=str(py))
     return result
 
 
-def _tail(log: Path, lines: int = 25) -> str:
-    """The last lines of vLLM's log, where its exception ends up."""
+def _summary(log: Path, errors: int = 8, tail: int = 15) -> str:
+    """What to show of vLLM's log after a failure: its error lines (vLLM's engine process reports
+    the root cause there, long before the last lines), the last lines, and where the whole log is."""
     text = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return "\n".join(text[-lines:]) or "(no output)"
+    err = [line for line in text if "Error" in line or "error:" in line][:errors]
+    parts = [f" (whole log: {log})"]
+    if err:
+        parts.append("first error lines:\n" + "\n".join(err))
+    parts.append("last lines:\n" + ("\n".join(text[-tail:]) or "(no output)"))
+    return ";\n".join(parts)
