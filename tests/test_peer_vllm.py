@@ -165,6 +165,19 @@ def test_bad_arguments(kwargs, match):
         peer.build_request(**{**args, **kwargs})
 
 
+def test_yarn_table_limits_the_sequence_length(tmp_path):
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert peer.position_limit({"max_position_embeddings": 512}) == (512, "the model's max_position_embeddings")
+    assert peer.position_limit({"max_position_embeddings": 512, "rope_scaling": yarn})[0] == 128
+    assert peer.position_limit({"max_position_embeddings": 64, "rope_scaling": yarn})[0] == 64
+    d = tmp_path / "yarn"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                                               "max_position_embeddings": 512, "rope_scaling": yarn}))
+    with pytest.raises(ValueError, match=r"140 exceeds vLLM's YaRN table .* = 128"):
+        peer.run_vllm(d, [[1] * 100], 40, threads=1, python="/nonexistent/python")
+
+
 def test_thread_env_binds_the_first_allowed_cpus():
     cpus = sorted(os.sched_getaffinity(0))
     env = peer.thread_env(1, kv_cache_gib=2)

@@ -115,6 +115,22 @@ def check_servable(model_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def position_limit(cfg: dict) -> tuple[int | None, str]:
+    """The longest sequence vLLM can run for this ``config.json``, and what sets it.
+
+    ``max_position_embeddings``, or with YaRN ``original_max_position_embeddings x factor`` when that
+    is smaller: vLLM's DeepSeek YaRN RoPE builds its cos/sin table for that product only, and a
+    longer sequence kills its engine (V3's own config has the two equal: 4096 x 40 = 163840).
+    """
+    limit, what = cfg.get("max_position_embeddings"), "the model's max_position_embeddings"
+    rs = cfg.get("rope_scaling") or {}
+    if (rs.get("rope_type") or rs.get("type")) == "yarn" and rs.get("original_max_position_embeddings"):
+        table = int(rs["original_max_position_embeddings"] * rs.get("factor", 1.0))
+        if limit is None or table < limit:
+            limit, what = table, "vLLM's YaRN table (original_max_position_embeddings x factor)"
+    return limit, what
+
+
 def thread_env(threads: int, kv_cache_gib: int) -> dict[str, str]:
     """Environment for vLLM's CPU backend: ``threads`` OpenMP threads bound to the first CPUs this
     process may use, and a ``kv_cache_gib`` GiB KV cache."""
@@ -129,8 +145,12 @@ def thread_env(threads: int, kv_cache_gib: int) -> dict[str, str]:
 
 def build_request(model_dir, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch: int, dtype: str,
                   attention_backend: str | None = "auto", native_rope: bool = True, warmup: bool = True,
-                  max_position_embeddings: int | None = None) -> dict:
-    """The worker's request (see ``vllm_worker.py``), after checking every argument."""
+                  max_position_embeddings: int | None = None, limit_name: str = "the model's max_position_embeddings"
+                  ) -> dict:
+    """The worker's request (see ``vllm_worker.py``), after checking every argument.
+
+    ``max_position_embeddings``: the longest sequence allowed (``limit_name`` says what sets it).
+    """
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts or any(not p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
@@ -147,8 +167,8 @@ def build_request(model_dir, prompts: Sequence[Sequence[int]], max_new_tokens: i
         attention_backend = "CPU_MLA" if dtype == "float32" else None
     max_model_len = max(len(p) for p in prompts) + max_new_tokens
     if max_position_embeddings is not None and max_model_len > max_position_embeddings:
-        raise ValueError(f"longest prompt + max_new_tokens = {max_model_len} exceeds the model's "
-                         f"max_position_embeddings = {max_position_embeddings}")
+        raise ValueError(f"longest prompt + max_new_tokens = {max_model_len} exceeds "
+                         f"{limit_name} = {max_position_embeddings}")
     return {"model": str(Path(model_dir).resolve()), "prompts": prompts, "max_new_tokens": int(max_new_tokens),
             "batch": int(batch), "dtype": dtype, "attention_backend": attention_backend,
             "native_rope": bool(native_rope), "max_model_len": max_model_len, "warmup": bool(warmup)}
@@ -168,9 +188,9 @@ def run_vllm(model_dir, prompts: list[list[int]], max_new_tokens: int, threads: 
     ``batch`` and ``python``. Raises ``RuntimeError`` with the tail of vLLM's log when the worker fails
     (the whole log is kept at ``log_path`` when given).
     """
-    cfg = check_servable(model_dir)
+    limit, limit_name = position_limit(check_servable(model_dir))
     req = build_request(model_dir, prompts, max_new_tokens, batch, dtype, attention_backend, native_rope,
-                        max_position_embeddings=cfg.get("max_position_embeddings"))
+                        max_position_embeddings=limit, limit_name=limit_name)
     py = vllm_python(python)
     reason = vllm_unavailable(py)
     if reason:
