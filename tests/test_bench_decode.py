@@ -329,6 +329,54 @@ def test_model_step_bytes_counts_stored_precision_and_tied_heads():
     assert tied["weights"] == pytest.approx(untied["weights"] - 3 * c.hidden_size * 4)
 
 
+def test_gguf_step_bytes_reads_the_files_own_tensor_sizes(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    c = tiny_config(num_hidden_layers=2)                  # blk.2 is then a nextn (MTP) block: not read
+    E, V, D = c.n_routed_experts, c.vocab_size, c.hidden_size
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    arrays = {"token_embd.weight": np.zeros((V, D), np.float32), "output.weight": np.zeros((V, D), np.float16),
+              "blk.0.attn_q_a.weight": np.zeros((24, D), np.float32),
+              "blk.1.ffn_up_exps.weight": np.zeros((E, 16, D), np.float16),
+              "blk.2.attn_q_a.weight": np.zeros((24, D), np.float32)}
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = roofline.gguf_step_bytes(path, c, batch=3, mean_context=5, cache_value_bytes=2, experts_per_moe_layer=2.5)
+    assert got["embedding_rows"] == pytest.approx(3 * D * 4)
+    assert got["routed_experts"] == pytest.approx(E * 16 * D * 2 * 2.5 / E)
+    assert got["other_weights"] == pytest.approx(V * D * 2 + 24 * D * 4)
+    assert got["cache"] == pytest.approx(3 * 5 * 2 * c.latent_dim * 2)
+    assert got["weights_by_dtype"] == {"F32": pytest.approx(3 * D * 4 + 24 * D * 4),
+                                       "F16": pytest.approx(V * D * 2 + 16 * D * 2 * 2.5)}
+
+
+def test_an_engine_with_its_own_step_bytes_gets_its_own_roofline(model_dir):
+    log: list[str] = []
+    peer = FakePeer("own-bytes", log, ours_tokens(model_dir))
+    real_open = peer.open
+
+    def open_with_bytes(ctx, precision):
+        eng = real_open(ctx, precision)
+        eng.step_bytes = lambda batch, context, experts: {"total": 1e6 * batch, "cache": 0.0,
+                                                          "weights_by_dtype": {"Q8_0": 1e6 * batch}}
+        return eng
+
+    peer.open = open_with_bytes
+    r = bench_decode(model_dir, batch=2, prompt_len=4, gen_len=3, repeats=1, warmup=0, peers=[peer])
+    x = next(x for x in r["results"] if x["key"] == "own-bytes")
+    assert x["bytes_per_step"] == 2e6 and r["roofline"]["bytes_per_step_by_engine"]["own-bytes"]["total"] == 2e6
+    assert x["roofline_fraction"] == pytest.approx(2e6 / (r["bandwidth"]["roofline_bytes_per_s"] * 0.25))
+    ours = r["results"][0]
+    assert ours["bytes_per_step"] == r["roofline"]["bytes_per_step"]["total"]
+    assert "fake-own-bytes reads its own 2.00 MB/step (weights Q8_0 2.00 MB" in format_bench_decode(r)
+
+
 def test_expert_counter_counts_what_routers_chose():
     torch.manual_seed(0)
     c = tiny_config(num_nextn_predict_layers=0)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from ..accounting import param_counts
 from .decode_engines import (OursEngine, Peer, Precision, RunContext, agreement, check_precision,
                              dynamic_cache_bytes, resolve_peer)
 from .decode_preset import (WARMUP_TOKENS, bench_decode_roofline, format_bench_roofline, random_model,
@@ -297,7 +298,7 @@ def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len:
         "benchmark": "decode",
         "model": str(model_dir),
         "config": cfg.to_hf(),
-        "params": plain.model.num_params(include_mtp=False),
+        "params": param_counts(cfg)["total"],         # by formula: quantized weights are buffers, not parameters
         "batches": batches,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
@@ -332,7 +333,7 @@ def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len:
         out["bandwidth"] = {"before": bw_before, "after": bw_after, "roofline_bytes_per_s": bw,
                             "method": "median stream read (sum) of a buffer >= 4x L3, higher of before/after"}
         for run in runs:
-            _add_roofline(run, plain, prompt_len, gen_len, bw)
+            _add_roofline(run, dict(engines), plain, prompt_len, gen_len, bw)
     out["throughput_by_batch"], out["throughput_never_falls"] = _throughput_by_batch(runs)
 
     # Greedy tokens against transformers in fp32 must be identical: same weights, same math.
@@ -454,16 +455,27 @@ def _run_batch(engines: list[tuple[str, object]], batch: int, prompt_len: int, g
     return run
 
 
-def _add_roofline(run: dict, plain, prompt_len: int, gen_len: int, bandwidth: float) -> None:
-    """Bytes per decode step of this batch and the fraction of the roofline each engine reached."""
+def _add_roofline(run: dict, engines: dict, plain, prompt_len: int, gen_len: int, bandwidth: float) -> None:
+    """Bytes per decode step of this batch and the fraction of the roofline each engine reached.
+
+    The bytes are ours (our model's tensors, our cache) for every engine that stores the weights as
+    we do (same dtype, no quantization of its own); an engine with ``step_bytes`` (llama.cpp: its
+    GGUF's tensor types and its cache type) is measured against its own.
+    """
     # Decode step j (1..gen_len-1) attends over prompt_len + j positions: mean prompt_len + gen_len / 2.
-    need = model_step_bytes(plain.model, run["batch"], prompt_len + gen_len / 2, plain.cache.c_kv.element_size(),
-                            run["experts_per_moe_layer_measured"])
+    context, experts = prompt_len + gen_len / 2, run["experts_per_moe_layer_measured"]
+    need = model_step_bytes(plain.model, run["batch"], context, plain.cache.c_kv.element_size(), experts)
     run["roofline"] = {"bytes_per_step": need, "bandwidth_bytes_per_s": bandwidth,
-                       "step_ms_at_roofline": 1000 * need["total"] / bandwidth}
+                       "step_ms_at_roofline": 1000 * need["total"] / bandwidth, "bytes_per_step_by_engine": {}}
     for x in run["results"]:
+        eng = engines.get(x["key"])
+        own = eng.step_bytes(run["batch"], context, experts) if hasattr(eng, "step_bytes") else None
+        total = need["total"] if own is None else own["total"]
+        if own is not None:
+            run["roofline"]["bytes_per_step_by_engine"][x["key"]] = own
+        x["bytes_per_step"] = total
         if x["step_ms"]:
-            achieved = need["total"] / (x["step_ms"] / 1000)
+            achieved = total / (x["step_ms"] / 1000)
             x["achieved_bytes_per_s"] = achieved
             x["roofline_fraction"] = achieved / bandwidth
 
@@ -594,6 +606,12 @@ def _format_run(run: dict, r: dict) -> list[str]:
                      + f"; acceptance rate {rate}, mean accepted length {length} tokens/step; greedy tokens "
                      + ("equal to plain" if s["tokens_equal_plain"] else
                         f"DIFFER from plain ({100 * s['tokens_equal_plain_fraction']:.0f}% of sequences equal)"))
+    own = (roof or {}).get("bytes_per_step_by_engine", {})
+    for key, b in own.items():
+        name = next(x["name"] for x in run["results"] if x["key"] == key)
+        lines.append(f"  {name} reads its own {b['total'] / 1e6:,.2f} MB/step (weights "
+                     + ", ".join(f"{t} {v / 1e6:,.2f}" for t, v in b["weights_by_dtype"].items())
+                     + f" MB; cache {b['cache'] / 1e6:,.3f} MB)")
     lines.append("  ours/peer: decode tokens/s; roofline: bytes/step / (bandwidth x step time)")
     return lines
 

@@ -79,7 +79,9 @@ class Engine(Protocol):
     """One engine under test, opened: ``name`` (shown in tables), ``info`` (JSON), ``generate``.
 
     An engine whose every ``generate`` call warms itself up untimed (a fresh process, a fresh model
-    load) sets ``self_warming = True``; the benchmark then skips its warmup rounds.
+    load) sets ``self_warming = True``; the benchmark then skips its warmup rounds. An engine that
+    stores its weights differently from ours (llama.cpp's GGUF types) has
+    ``step_bytes(batch, mean_context, experts_per_moe_layer) -> dict`` for its own roofline.
     """
 
     name: str
@@ -314,8 +316,8 @@ class LlamaCppEngine:
     # run_llama_cpp loads the GGUF per call and runs an untimed warm-up decode itself.
     self_warming = True
 
-    def __init__(self, gguf: Path, precision: str, threads: int, info: dict):
-        self.gguf, self.threads = gguf, threads
+    def __init__(self, gguf: Path, precision: str, threads: int, config, info: dict):
+        self.gguf, self.threads, self.config = gguf, threads, config
         self.name = f"llama.cpp ({precision})"
         self.info = info
 
@@ -323,9 +325,17 @@ class LlamaCppEngine:
         from .peers.llama_cpp import run_llama_cpp
 
         r = run_llama_cpp(str(self.gguf), prompts, new_tokens, self.threads, batch=len(prompts))
-        if r.get("version") is not None:
-            self.info["version"] = r["version"]
+        for key in ("version", "kv_type"):
+            if r.get(key) is not None:
+                self.info[key] = r[key]
         return r
+
+    def step_bytes(self, batch: int, mean_context: float, experts_per_moe_layer: float | None) -> dict:
+        """What a decode step reads from this GGUF (its own tensor types) and from llama.cpp's cache."""
+        from .roofline import GGUF_CACHE_VALUE_BYTES, gguf_step_bytes
+
+        cache = GGUF_CACHE_VALUE_BYTES.get(self.info.get("kv_type"), 2.0)
+        return gguf_step_bytes(self.gguf, self.config, batch, mean_context, cache, experts_per_moe_layer)
 
 
 class LlamaCppPeer:
@@ -352,7 +362,7 @@ class LlamaCppPeer:
         gguf, seconds = convert_to_gguf(ctx.model_dir, ctx.workdir, precision)
         info = {"gguf": str(gguf), "gguf_type": precision, "gguf_bytes": gguf.stat().st_size,
                 "convert_s": seconds, "threads": ctx.threads}
-        return LlamaCppEngine(gguf, precision, ctx.threads, info)
+        return LlamaCppEngine(gguf, precision, ctx.threads, ctx.config, info)
 
 
 # ------------------------------------------------------------------------------------- vLLM

@@ -117,6 +117,45 @@ def model_step_bytes(model: nn.Module, batch: int, mean_context: float, cache_va
             "mean_context": mean_context, "batch": batch}
 
 
+# Bytes per cached value of llama.cpp's KV cache types (q8_0: blocks of 32 int8 values + one fp16 scale).
+GGUF_CACHE_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+def gguf_step_bytes(path, config, batch: int, mean_context: float, cache_value_bytes: float,
+                    experts_per_moe_layer: float | None = None) -> dict:
+    """Bytes a decode step of llama.cpp reads from the GGUF at ``path``, by the rules of
+    :func:`model_step_bytes`, from the file's own tensor sizes (its types: q8_0 blocks, f16 fallbacks).
+
+    ``*_exps`` tensors (stacked experts) count by the fraction of experts touched, ``token_embd`` by
+    ``batch`` rows (in full when there is no ``output.weight``: the head is then the table), the
+    nextn (MTP) blocks ``blk.{num_hidden_layers + i}`` not at all.
+    """
+    import gguf
+
+    E, k = config.n_routed_experts, config.num_experts_per_tok
+    distinct = expected_distinct_experts(E, k, batch) if experts_per_moe_layer is None else experts_per_moe_layer
+    tensors = gguf.GGUFReader(str(path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    parts = {"embedding_rows": 0.0, "routed_experts": 0.0, "other_weights": 0.0}
+    by_type: dict[str, float] = {}
+    for t in tensors:
+        name, full = t.name, float(t.n_bytes)
+        if name.startswith("blk.") and int(name.split(".")[1]) >= config.num_hidden_layers:
+            continue
+        if "_exps." in name and E:
+            part, used = "routed_experts", full * distinct / E
+        elif name == "token_embd.weight" and not tied:
+            part, used = "embedding_rows", full * min(batch, config.vocab_size) / config.vocab_size
+        else:
+            part, used = "other_weights", full
+        parts[part] += used
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0.0) + used
+    weights = sum(parts.values())
+    cache = batch * mean_context * config.num_hidden_layers * config.latent_dim * cache_value_bytes
+    return {"weights": weights, "cache": cache, "total": weights + cache, **parts, "weights_by_dtype": by_type,
+            "experts_per_moe_layer": distinct, "mean_context": mean_context, "batch": batch}
+
+
 class ExpertCounter:
     """Counts the distinct routed experts each decode step uses, per MoE layer of the main model.
 
