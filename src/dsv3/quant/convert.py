@@ -19,11 +19,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import fp8
 from ..checkpoint import (INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, _checkpoint_files, _quantizable,
-                          _Reader)
+                          _Reader, write_safetensors)
 from ..config import ConfigError, ModelConfig
 
 TARGETS = ("fp8", "bf16")
@@ -75,7 +74,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
             for k, v in _convert_tensor(name, t, to, block, scale_fmt, src_block, reader, names, stats):
                 out[k] = v.contiguous()
         tmp = dst / (f.name + ".tmp")
-        save_file(out, str(tmp), metadata={"format": "pt"})
+        write_safetensors(out, tmp, metadata={"format": "pt"})  # the umask's mode, not 0600
         os.replace(tmp, dst / f.name)
         for k, v in out.items():
             weight_map[k] = f.name
