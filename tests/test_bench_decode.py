@@ -2,8 +2,8 @@
 bytes-per-step accounting against a hand count from the config, machine probes and CLI flags.
 
 The fake peers stand in for llama.cpp / vLLM: they answer in known time with known tokens, so the
-ratios, the interleaving and the agreement can be checked exactly. Tests against the real peers are
-marked ``interop`` (deselected from ``make test``).
+ratios, the interleaving and the agreement can be checked exactly. The benchmark against the real
+peers is in ``tests/interop/test_bench_decode_peers.py`` (``make interop``).
 """
 
 from __future__ import annotations
@@ -498,27 +498,3 @@ def test_bench_decode_quantize_without_engine_support_is_a_clear_error(model_dir
     with pytest.raises(SystemExit) as e:
         main(["bench", "decode", "--model", model_dir, "--quantize", "int8", "--peer", "none"])
     assert e.value.code == 2 and "no weight-only quantization" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------- real peers
-@pytest.fixture(scope="module")
-def servable_dir(tmp_path_factory):
-    """The tiny checkpoint with the 576-wide latent (kv_lora_rank 512 + rope 64) vLLM's MLA kernels need."""
-    return chat_checkpoint(tmp_path_factory.mktemp("bench-decode-576"), kv_lora_rank=512, qk_rope_head_dim=64)
-
-
-@pytest.mark.interop
-@pytest.mark.parametrize("peer", ["llama.cpp", "vllm"])
-def test_real_peer_decodes_the_same_checkpoint(servable_dir, peer, tmp_path):
-    """The real peer on a tiny checkpoint in fp32: it runs at batch 1 and 2, and its tokens are compared."""
-    p = resolve_peer(peer)
-    ctx = RunContext(servable_dir, dsv3.ModelConfig.from_json_file(servable_dir), Precision(), 1,
-                     torch.device("cpu"), tmp_path)
-    reason = p.unavailable(ctx)
-    if reason is not None:
-        pytest.skip(reason)
-    r = bench_decode(servable_dir, batch="1,2", prompt_len=4, gen_len=4, repeats=1, warmup=1, peers=[peer],
-                     gguf_dir=tmp_path, roofline=False)
-    assert r["peers"][peer]["status"] == "ran", r["errors"]
-    for run in r["runs"]:
-        assert peer in run["ratios"] and run["agreement"][peer]["sequences"] == run["batch"]
