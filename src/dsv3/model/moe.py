@@ -13,6 +13,7 @@ an unbalanced batch costs nothing extra). No token is ever dropped.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +23,13 @@ from torch import nn
 from ..config import ModelConfig
 from ..kernels.grouped_experts import grouped_mm_usable, grouped_swiglu
 from .mlp import MLP
+
+
+def _no_autocast(device_type: str):
+    """A context with autocast switched off for ``device_type`` (a no-op where autocast doesn't exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
 
 
 class Router(nn.Module):
@@ -50,12 +58,19 @@ class Router(nn.Module):
         self.last_topk: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> gate weights [T, k] (fp32), expert ids [T, k]."""
-        logits = F.linear(x.float(), self.weight.float())                       # [T, E]
-        if self.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
+        """x [T, D] -> gate weights [T, k] (fp32), expert ids [T, k].
+
+        The logits and scores are fp32 even inside ``torch.autocast`` (any device): autocast would
+        otherwise recast this matmul to bf16, whose ~4e-3 rounding of the scores is larger than the
+        balancing bias steps (gamma ~1e-3) and flips expert choices. DeepSeek's code and transformers
+        keep the gate in fp32 too.
+        """
+        with _no_autocast(x.device.type):
+            logits = F.linear(x.float(), self.weight.float())                   # [T, E] fp32
+            if self.scoring_func == "sigmoid":
+                scores = logits.sigmoid()
+            else:
+                scores = logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
