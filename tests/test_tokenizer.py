@@ -380,15 +380,16 @@ def test_jinja_template_matches_python_on_random_chats(hf, msgs, agp, thinking):
 
 # A second Jinja engine: minijinja (Rust), as used by Hugging Face's TGI. Its Python-compatible string
 # methods are on by default; raise_exception is the one global every chat template assumes.
-def _minijinja_render(msgs, tools=None, agp=False, thinking=False) -> str:
+def _minijinja_render(msgs, tools=None, agp=False, thinking=None, **extra) -> str:
     minijinja = pytest.importorskip("minijinja")
 
     def raise_exception(message):
         raise ValueError(message)
 
     env = minijinja.Environment(trim_blocks=True, lstrip_blocks=True, globals={"raise_exception": raise_exception})
-    return env.render_str(T.CHAT_TEMPLATE, messages=msgs, tools=tools, add_generation_prompt=agp,
-                          thinking=thinking)
+    if thinking is not None:
+        extra["thinking"] = thinking
+    return env.render_str(T.CHAT_TEMPLATE, messages=msgs, tools=tools, add_generation_prompt=agp, **extra)
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
@@ -406,6 +407,20 @@ def test_template_renders_the_same_in_minijinja(name, thinking):
 @given(st.lists(_message, min_size=1, max_size=7), st.booleans(), st.booleans())
 def test_template_renders_the_same_in_minijinja_on_random_chats(msgs, agp, thinking):
     assert _minijinja_render(msgs, None, agp, thinking) == T.render_chat_text(msgs, agp, thinking)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_template_reads_enable_thinking_like_llama_server_and_vllm(hf, thinking):
+    # llama-server (--jinja, --reasoning-budget) and vLLM's chat_template_kwargs pass `enable_thinking`;
+    # DeepSeek's own templates and ours read `thinking`. Either spelling selects the mode; an explicit
+    # `thinking` wins.
+    msgs = CONVERSATIONS[next(iter(CONVERSATIONS))]
+    ours = T.render_chat_text(msgs, add_generation_prompt=True, thinking=thinking)
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=thinking) == ours
+    assert _minijinja_render(msgs, agp=True, enable_thinking=thinking) == ours
+    both = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, thinking=thinking,
+                                  enable_thinking=not thinking)
+    assert both == ours
 
 
 class _Probe(dict):

@@ -571,7 +571,8 @@ def render_chat_text(
 # common engines share (transformers' jinja2, minijinja, llama.cpp) are used: split() without a
 # maxsplit (older llama.cpp ignores it), join, strip/lstrip, startswith, slicing, tojson.
 CHAT_TEMPLATE = r"""{#- dsv3 chat template: renders exactly what dsv3.tokenizer.render_chat_text renders. -#}
-{%- set thinking = thinking | default(false) -%}
+{#- `thinking` is ours and DeepSeek's; llama-server and vLLM's chat_template_kwargs say `enable_thinking`. -#}
+{%- set thinking = thinking | default(enable_thinking | default(false)) -%}
 {%- set add_generation_prompt = add_generation_prompt | default(false) -%}
 {%- set ns = namespace(system='', has_system=false, last_user=-1, in_outputs=false, tool_text='',
                        reasoning='', found=false) -%}
