@@ -12,7 +12,7 @@ from safetensors import safe_open
 import dsv3
 from dsv3 import fp8
 from dsv3.cli import main
-from dsv3.quant import FP8Linear, FP8RoutedExperts, quantize_model
+from dsv3.quant import FP8Linear, FP8RoutedExperts, load_pretrained_fp8, quantize_model
 from dsv3.quant.linear import FP8MLA
 
 BLOCK = (16, 16)  # tiny models: 16x16 blocks so that layers span several blocks (128 is the default)
@@ -70,7 +70,7 @@ def test_keep_fp8_load_holds_the_checkpoint_bytes_and_saves_them_back(tmp_path):
     torch.manual_seed(0)
     model = dsv3.Transformer(small_config())
     dsv3.save_pretrained(model, tmp_path / "a", fp8_weights=True, block_size=BLOCK)
-    kept = dsv3.load_pretrained(tmp_path / "a", dtype=torch.float32, keep_fp8=True)
+    kept = load_pretrained_fp8(tmp_path / "a", dtype=torch.float32)
     deq = dsv3.load_pretrained(tmp_path / "a", dtype=torch.float32)
     state = kept.state_dict()
     with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
@@ -100,7 +100,7 @@ def test_keep_fp8_load_holds_the_checkpoint_bytes_and_saves_them_back(tmp_path):
 
 def test_keep_fp8_on_a_high_precision_checkpoint_quantizes_it(tmp_path):
     dsv3.save_pretrained(dsv3.Transformer(small_config()), tmp_path)
-    m = dsv3.load_pretrained(tmp_path, keep_fp8=True)
+    m = load_pretrained_fp8(tmp_path)
     assert m.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     assert m.config.quantization_config["weight_block_size"] == [128, 128]
 
@@ -155,7 +155,7 @@ def test_convert_to_fp8_and_back_official_layout(tmp_path, capsys, scale_fmt):
                     assert (err <= orig["layers.1.self_attn.q_b_proj.weight"].double().abs() / 16 + 1e-4).all()
                 n_fp8 += 1
     assert n_fp8 > 20
-    kept = dsv3.load_pretrained(f8, keep_fp8=True)
+    kept = load_pretrained_fp8(f8)
     assert kept.layers[1].self_attn.o_proj.scale_fmt == (None if scale_fmt == "none" else "ue8m0")
 
     assert main(["convert", str(f8), str(back), "--to", "bf16"]) == 0
@@ -196,7 +196,7 @@ def test_our_fp8_output_loads_in_transformers_with_the_same_logits(tmp_path, mon
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "fp8"), "--to", "fp8"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).float().eval()
     ours_deq = dsv3.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
-    ours_fp8 = dsv3.load_pretrained(tmp_path / "fp8", dtype=torch.float32, keep_fp8=True)
+    ours_fp8 = load_pretrained_fp8(tmp_path / "fp8", dtype=torch.float32)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(ids).logits.float()
@@ -211,7 +211,7 @@ def test_our_fp8_output_loads_in_transformers_with_the_same_logits(tmp_path, mon
 def test_engine_runs_an_fp8_model_unchanged(tmp_path):
     torch.manual_seed(0)
     dsv3.save_pretrained(dsv3.Transformer(small_config()), tmp_path, fp8_weights=True, block_size=BLOCK)
-    model = dsv3.load_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True)
+    model = load_pretrained_fp8(tmp_path, dtype=torch.float32)
     llm = dsv3.LLM(model, block_size=4)
     prompt = [5, 17, 42, 3, 8]
     out = llm.generate([prompt], dsv3.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]

@@ -1,10 +1,10 @@
 """Checkpoints in the Hugging Face layout: ``config.json`` + safetensors (sharded with an index).
 
-One name table (:data:`NAME_TABLE`) maps our parameter names to the checkpoint's. Loading builds the
-model on the meta device, allocates it once, then streams tensors one at a time from memory-mapped
-shards into place, so peak memory is about the final model size. Official FP8 weights
-(``float8_e4m3fn`` + ``weight_scale_inv``) are dequantized into the requested dtype on the way in.
-Weights are only ever read from safetensors, never from pickle.
+One name table (:data:`~dsv3.hf_layout.NAME_TABLE`) maps our parameter names to the checkpoint's.
+Loading builds the model on the meta device, allocates it once, then streams tensors one at a time
+from memory-mapped shards into place, so peak memory is about the final model size. Official FP8
+weights (``float8_e4m3fn`` + ``weight_scale_inv``) are dequantized into the requested dtype on the
+way in (or kept FP8: :func:`dsv3.quant.load_pretrained_fp8`). Weights are only ever read from safetensors, never from pickle.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,6 +23,9 @@ from safetensors.torch import save_file
 
 from . import fp8
 from .config import ConfigError, DeploymentWarning, ModelConfig
+# The name table lives in hf_layout (quant and train follow it too); checkpoint re-exports it.
+from .hf_layout import MTP_SHARED_COPIES, NAME_TABLE  # noqa: F401
+from .hf_layout import fp8_block, fp8_quantization_config, hf_names, name_map, quantizable, shared_copy_names
 from .model import Transformer
 from .model.moe import Router
 
@@ -37,76 +41,13 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The name table: our state-dict name (regex) -> checkpoint name (template).
-#   {0}, {1}, ... are the regex groups; {mtp} is the checkpoint layer index of MTP depth {0}
-#   (num_hidden_layers + depth index); {expert} marks stacked experts, one checkpoint tensor each.
-# ---------------------------------------------------------------------------------------------
-NAME_TABLE: list[tuple[str, str]] = [
-    (r"embed_tokens\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", "model.layers.{0}.mlp.experts.{expert}.{1}.weight"),
-    # FP8 experts kept as FP8 (dsv3.quant): stacked per-expert block scales
-    (r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv",
-     "model.layers.{0}.mlp.experts.{expert}.{1}.weight_scale_inv"),
-    (r"layers\.(\d+)\.(.+)", "model.layers.{0}.{1}"),
-    (r"mtp\.(\d+)\.block\.mlp\.experts\.(gate_proj|up_proj|down_proj)", "model.layers.{mtp}.mlp.experts.{expert}.{1}.weight"),
-    (r"mtp\.(\d+)\.block\.mlp\.experts\.(gate_proj|up_proj|down_proj)_scale_inv",
-     "model.layers.{mtp}.mlp.experts.{expert}.{1}.weight_scale_inv"),
-    (r"mtp\.(\d+)\.block\.(.+)", "model.layers.{mtp}.{1}"),
-    (r"mtp\.(\d+)\.norm\.weight", "model.layers.{mtp}.shared_head.norm.weight"),
-    (r"mtp\.(\d+)\.(enorm|hnorm|eh_proj)\.(weight|bias)", "model.layers.{mtp}.{1}.{2}"),
-]
-# The checkpoint stores the shared embedding and head again under every MTP layer.
-MTP_SHARED_COPIES = {
-    "embed_tokens.weight": "model.layers.{mtp}.embed_tokens.weight",
-    "lm_head.weight": "model.layers.{mtp}.shared_head.head.weight",
-}
-_COMPILED = [(re.compile(ours + r"\Z"), hf) for ours, hf in NAME_TABLE]
-
-
-def hf_names(name: str, shape: tuple[int, ...], config: ModelConfig) -> list[tuple[str, int | None]]:
-    """Checkpoint name(s) of one of our state-dict entries, with the expert index for stacked experts."""
-    for pattern, template in _COMPILED:
-        m = pattern.match(name)
-        if m is None:
-            continue
-        groups = m.groups()
-        mtp = config.num_hidden_layers + int(groups[0]) if name.startswith("mtp.") else None
-        if "{expert}" in template:
-            return [(template.format(*groups, mtp=mtp, expert=e), e) for e in range(shape[0])]
-        return [(template.format(*groups, mtp=mtp), None)]
-    raise KeyError(f"no checkpoint name for parameter {name!r}")
-
-
-def name_map(model: Transformer) -> dict[str, tuple[str, int | None]]:
-    """Checkpoint name -> (our name, expert index) for every tensor the model holds."""
-    out: dict[str, tuple[str, int | None]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        for hf, e in hf_names(name, tuple(t.shape), model.config):
-            out[hf] = (name, e)
-    return out
-
-
-def _shared_copy_names(config: ModelConfig) -> dict[str, str]:
-    """Checkpoint names of the MTP layers' copies of shared tensors -> our shared tensor."""
-    out = {}
-    for k in range(config.num_nextn_predict_layers):
-        for ours, template in MTP_SHARED_COPIES.items():
-            out[template.format(mtp=config.num_hidden_layers + k)] = ours
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _FP8_DTYPES = {"F8_E4M3"}
 
 
-def _checkpoint_files(path: Path) -> dict[str, Path]:
+def checkpoint_files(path: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index or the single file's header."""
     index = path / INDEX_FILE
     if index.exists():
@@ -134,7 +75,7 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from e
 
 
-class _Reader:
+class TensorReader:
     """Memory-mapped access to tensors across shards, each file opened once."""
 
     def __init__(self, files: dict[str, Path]):
@@ -180,24 +121,21 @@ def _resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
     return d
 
 
-def _block_size(config: ModelConfig) -> tuple[int, int]:
-    q = config.quantization_config or {}
-    b = q.get("weight_block_size") or list(fp8.DEFAULT_BLOCK)
-    return int(b[0]), int(b[1])
-
-
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, max_seq_len: int | None = None,
-                    strict: bool = True, keep_fp8: bool = False) -> Transformer:
+                    strict: bool = True,
+                    prepare: Callable[[Transformer, frozenset[str]], None] | None = None) -> Transformer:
     """Load a DeepSeek-V3/V2 checkpoint in the HF layout into a :class:`~dsv3.Transformer`.
 
     dtype: the parameters' dtype (default: the checkpoint's ``torch_dtype``; FP8 -> bfloat16).
     device: where to allocate (default CPU). max_seq_len: the run's context (matters only for
     ``yarn_mode="past_original"``). strict: unexpected tensors are an error (else a warning).
     A checkpoint without any MTP tensors (e.g. exported by transformers) loads without MTP.
-    keep_fp8: keep FP8-stored weights as ``float8_e4m3fn`` + scales in :mod:`dsv3.quant` FP8 layers
-    (half the memory of bf16) instead of dequantizing them; a checkpoint without FP8 weights is
-    quantized after loading (``dsv3.quant.quantize_model``).
+    prepare: ``prepare(model, stored_fp8)`` runs on the model while it is still on the meta device,
+    with the checkpoint names of the tensors stored as FP8; it may replace layers (e.g. by ones that
+    hold ``float8_e4m3fn`` buffers), and the loader then fills whatever the model holds: a tensor
+    stored in FP8 goes into an FP8 buffer as it is and is dequantized into any other.
+    :func:`dsv3.quant.load_pretrained_fp8` loads this way, keeping FP8 weights FP8.
     """
     path = Path(path)
     if not path.is_dir():
@@ -206,7 +144,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         config = ModelConfig.from_json_file(path)
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
-    reader = _Reader(_checkpoint_files(path))
+    reader = TensorReader(checkpoint_files(path))
     names = set(reader.files)
     if config.num_nextn_predict_layers and not any(
             n.startswith(f"model.layers.{config.num_hidden_layers}.") for n in names):
@@ -222,17 +160,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     for m in model.modules():  # the router's selection bias stays fp32, as in the official checkpoints
         if isinstance(m, Router) and m.e_score_correction_bias is not None:
             m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
-    block = _block_size(config)
-    if keep_fp8 and any(reader.info(n)[1] in _FP8_DTYPES for n in names):
-        from .quant import replace_with_fp8
-        replace_with_fp8(model, block, (config.quantization_config or {}).get("scale_fmt"), quantize=False,
-                         select=lambda hf: hf in names and reader.info(hf)[1] in _FP8_DTYPES)
-    elif keep_fp8:
-        model = load_pretrained(path, dtype, device, max_seq_len, strict)
-        from .quant import quantize_model
-        return quantize_model(model)
+    block = fp8_block(config)
+    if prepare is not None:
+        prepare(model, frozenset(n for n in names if reader.info(n)[1] in _FP8_DTYPES))
     targets = name_map(model)
-    shared = _shared_copy_names(config)
+    shared = shared_copy_names(config)
 
     # Check everything against the headers before reading any data.
     scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
@@ -291,15 +223,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def _quantizable(hf_name: str) -> bool:
-    """Which weights the official FP8 checkpoints store in FP8: every linear layer of attention and
-    the MLPs/experts. Embedding, head, router gate, norms (and the small MTP eh_proj) stay high precision."""
-    if not hf_name.endswith(".weight"):
-        return False
-    return bool(re.search(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-                          r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight\Z", hf_name))
-
-
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -342,7 +265,7 @@ def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a checkpoint directory's (first) safetensors file; empty when it has none.
 
     Raises :class:`CheckpointError` when the directory holds no readable weights."""
-    files = sorted(set(_checkpoint_files(Path(path)).values()))
+    files = sorted(set(checkpoint_files(Path(path)).values()))
     if not files:
         raise CheckpointError(f"{path}: the index lists no weight files")
     return dict(_open(files[0]).metadata() or {})
@@ -402,7 +325,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
             continue
         for hf, e in hf_names(name, tuple(t.shape), config):
             tensors.append((hf, t if e is None else t[e]))
-        for copy_name, ours in _shared_copy_names(config).items():
+        for copy_name, ours in shared_copy_names(config).items():
             if ours == name:
                 tensors.append((copy_name, t))
 
@@ -410,7 +333,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
         t = t.detach()
         if t.dtype == fp8.FP8_DTYPE or hf.endswith(SCALE_SUFFIX):  # already FP8 (dsv3.quant): as it is
             return [(hf, t.contiguous().clone())]
-        if fp8_weights and _quantizable(hf):
+        if fp8_weights and quantizable(hf):
             q, s = fp8.quantize_blockwise(t, block_size)
             return [(hf, q), (hf + SCALE_SUFFIX, s)]
         if dtype is not None and t.is_floating_point() and not hf.endswith("e_score_correction_bias"):
@@ -419,7 +342,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
     # Greedy sharding in name order; sizes are known before any tensor is converted.
     def nbytes(hf: str, t: torch.Tensor) -> int:
-        if fp8_weights and _quantizable(hf):
+        if fp8_weights and quantizable(hf):
             return t.numel() + 4 * math.prod(fp8.scale_shape(tuple(t.shape), block_size))
         return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
 
@@ -437,12 +360,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     hf_config = config.to_hf()
     hf_config.pop("quantization_config", None)  # describes the weights as written below, if at all
     if any(t.dtype == fp8.FP8_DTYPE for _, t in tensors):  # a model holding FP8 layers keeps its layout
-        hf_config["quantization_config"] = dict(config.quantization_config or {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": list(fp8.DEFAULT_BLOCK)})
+        hf_config["quantization_config"] = dict(config.quantization_config or fp8_quantization_config())
     elif fp8_weights:
-        hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                            "weight_block_size": list(block_size)}
+        hf_config["quantization_config"] = fp8_quantization_config(block_size)
     stored = dtype if dtype is not None else (torch.bfloat16 if fp8_weights else model.embed_tokens.weight.dtype)
     hf_config["torch_dtype"] = str(stored).replace("torch.", "")
     _atomic_write_json(hf_config, path / "config.json")

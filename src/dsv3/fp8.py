@@ -29,7 +29,8 @@ def scale_shape(shape: tuple[int, int], block: tuple[int, int] = DEFAULT_BLOCK) 
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
-def _check_scale_fmt(scale_fmt: str | None) -> None:
+def check_scale_fmt(scale_fmt: str | None) -> None:
+    """``ValueError`` unless ``scale_fmt`` is one of :data:`SCALE_FMTS`."""
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt={scale_fmt!r}: must be one of {SCALE_FMTS}")
 
@@ -40,7 +41,7 @@ def amax_to_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Ten
     ``ue8m0``: the scale rounded *up* to a power of two (``2 ** ceil(log2(amax / 448))``), as
     DeepSeek-V3.1 stores it; rounding up keeps every quantized entry within +-448.
     """
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     amax = amax.float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # all-zero tile: any scale works
     if scale_fmt == "ue8m0":

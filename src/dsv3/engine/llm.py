@@ -72,9 +72,10 @@ class LLM:
         else:
             from ..checkpoint import load_pretrained
             from ..cpu import resolve_dtype
+            from ..quant import load_pretrained_fp8
             # keep_fp8: FP8 checkpoint weights stay float8_e4m3fn + scales (dsv3.quant), half of bf16
-            self.model = load_pretrained(model, dtype=resolve_dtype(dtype, device) or "float32", device=device,
-                                         keep_fp8=keep_fp8)
+            load = load_pretrained_fp8 if keep_fp8 else load_pretrained
+            self.model = load(model, dtype=resolve_dtype(dtype, device) or "float32", device=device)
             if quantize is not None:
                 self.quantization = _quantize(self.model, quantize)
             if self.model.embed_tokens.weight.device.type == "cpu":

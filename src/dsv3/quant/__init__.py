@@ -1,17 +1,19 @@
 """Quantized inference applied from outside the reference model: FP8 weights kept as FP8.
 
-``quantize_model(model)`` swaps the linear layers that the official checkpoints store in FP8 for
+``quantize_model(model)`` replaces the linear layers that the official checkpoints store in FP8 by
 :class:`~dsv3.quant.linear.FP8Linear` / :class:`~dsv3.quant.linear.FP8RoutedExperts`;
-``load_pretrained(path, keep_fp8=True)`` does the same while loading an FP8 checkpoint;
+``load_pretrained_fp8(path)`` does the same while loading an FP8 checkpoint;
 ``dsv3 convert`` (:mod:`dsv3.quant.convert`) rewrites checkpoints into the FP8 layout and back.
 """
 
-__all__ = ["FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8", "fp8_weight_bytes"]
+__all__ = ["FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8",
+           "load_pretrained_fp8", "fp8_weight_bytes"]
 
 
 def __getattr__(name):
     # Imported on first use, so that `dsv3.quant.cli` (loaded by every `dsv3` command) stays cheap.
-    if name in ("FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8"):
+    if name in ("FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8",
+                "load_pretrained_fp8"):
         from . import linear
         return getattr(linear, name)
     if name == "fp8_weight_bytes":

@@ -1,7 +1,7 @@
 """``dsv3 convert --to fp8 | --to bf16 SRC DST``: rewrite a checkpoint in the official FP8 layout or back.
 
 Streams shard by shard, tensor by tensor (memory: about one shard), keeping the shard file names:
-  --to fp8   every weight the official checkpoints keep in FP8 (``checkpoint._quantizable``: linear
+  --to fp8   every weight the official checkpoints keep in FP8 (``hf_layout.quantizable``: linear
              layers of attention and MLPs/experts) becomes ``float8_e4m3fn`` + ``weight_scale_inv``
              per 128x128 block; embedding, head, router gate, norms and MTP ``eh_proj`` become bf16,
              the router's ``e_score_correction_bias`` stays fp32; ``config.json`` gets the
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from .. import fp8
-from ..checkpoint import (INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, _checkpoint_files, _quantizable,
-                          _Reader, write_safetensors)
+from ..checkpoint import (INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorReader, checkpoint_files,
+                          write_safetensors)
 from ..config import ConfigError, ModelConfig
+from ..hf_layout import fp8_quantization_config, quantizable
 
 TARGETS = ("fp8", "bf16")
 # Files beside the weights that describe the model and are copied as they are.
@@ -39,7 +40,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: must be one of {TARGETS}")
-    fp8._check_scale_fmt(scale_fmt)
+    fp8.check_scale_fmt(scale_fmt)
     if not (src / "config.json").exists():
         raise CheckpointError(f"{src}: no config.json (not a checkpoint directory)")
     if dst.resolve() == src.resolve():
@@ -49,8 +50,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
         ModelConfig.from_hf(raw)
     except ConfigError as e:
         raise CheckpointError(f"{src / 'config.json'}: {e}") from e
-    files = _checkpoint_files(src)
-    reader = _Reader(files)
+    files = checkpoint_files(src)
+    reader = TensorReader(files)
     names = set(files)
     src_fp8 = [n for n in names if reader.info(n)[1] == "F8_E4M3"]
     if to == "fp8" and src_fp8:
@@ -89,10 +90,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
 
     raw.pop("quantization_config", None)
     if to == "fp8":
-        qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
-        if scale_fmt:
-            qc["scale_fmt"] = scale_fmt
-        raw["quantization_config"] = qc
+        raw["quantization_config"] = fp8_quantization_config(block, scale_fmt)
     raw["torch_dtype"] = "bfloat16"
     (dst / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     for p in sorted(src.iterdir()):
@@ -104,7 +102,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
 def _convert_tensor(name, t, to, block, scale_fmt, src_block, reader, names, stats):
     """The tensor(s) that checkpoint tensor ``name`` becomes."""
     if to == "fp8":
-        if _quantizable(name) and t.is_floating_point():
+        if quantizable(name) and t.is_floating_point():
             if t.dim() != 2:
                 raise CheckpointError(f"{name}: FP8 quantization needs a 2-D weight, got shape {list(t.shape)}")
             q, s = fp8.quantize_blockwise(t, block, scale_fmt)

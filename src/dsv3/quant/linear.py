@@ -5,11 +5,12 @@ Forward of one layer (DeepSeek-V3's inference scheme, ``activation_scheme: dynam
     y = fp8_gemm(x_q, x_s, W_q, W_s)          fp32 accumulation per 128-wide K chunk
 The weights stay FP8 in memory: half the bytes of bf16 (plus one fp32 scale per 128x128 block).
 
-Which layers: exactly those the official checkpoints store in FP8 (``checkpoint._quantizable``) --
+Which layers: exactly those the official checkpoints store in FP8 (``hf_layout.quantizable``) --
 every linear layer of attention and of the dense, shared and routed experts. Embedding, head,
 router gate, norms and the MTP ``eh_proj`` stay in high precision. The model itself is untouched:
-layers are swapped from outside, and MLA's absorbed decode path gets ``kv_b_proj`` dequantized
-(as DeepSeek's own inference code does) through :class:`FP8MLA`.
+layers are replaced from outside (:mod:`dsv3.replace`), and MLA's absorbed decode path gets
+``kv_b_proj`` dequantized (as DeepSeek's own inference code does) through :class:`FP8MLA`, which
+takes over the attention's layers. :func:`load_pretrained_fp8` loads a checkpoint this way.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fp8
+from ..checkpoint import load_pretrained
+from ..hf_layout import fp8_block, fp8_quantization_config, fp8_targets
 from ..kernels.fp8_gemm import fp8_gemm
+from ..model import Transformer
 from ..model.mla import MLA
 from ..model.moe import RoutedExperts, dispatch_experts
+from ..replace import adopt_tensors, replace_module
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -150,34 +155,23 @@ class FP8RoutedExperts(_FP8Storage):
 
 
 class FP8MLA(MLA):
-    """MLA whose ``kv_b_proj`` is FP8: the absorbed decode path folds the dequantized weight."""
+    """MLA whose ``kv_b_proj`` is FP8: the absorbed decode path folds the dequantized weight.
+
+    Built from an :class:`~dsv3.model.mla.MLA` whose layers it takes over by reference (same
+    projections, norms, head sizes and softmax scale); only :meth:`absorbed_weights` differs.
+    """
+
+    def __init__(self, mla: MLA):
+        nn.Module.__init__(self)  # not MLA.__init__, which would build new layers: the existing ones are taken over
+        adopt_tensors(self, mla, children=True)
+        for key, value in vars(mla).items():  # the plain attributes MLA.__init__ sets (head dims, softmax_scale)
+            if key not in vars(self):
+                setattr(self, key, value)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.kv_a_layernorm.weight.dtype
         w = self.kv_b_proj.dequantized_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope:]
-
-
-def _checkpoint_name(model: nn.Module, name: str, shape: tuple[int, ...]) -> str:
-    from ..checkpoint import hf_names
-    return hf_names(name, shape, model.config)[0][0]
-
-
-def fp8_targets(model: nn.Module):
-    """Yield ``(name, module, checkpoint_name)`` for every layer the official checkpoints keep in FP8:
-    the ``nn.Linear`` layers of attention and MLPs and the stacked routed experts (checked with the
-    checkpoint's own rule, so the two can't drift apart)."""
-    from ..checkpoint import _quantizable
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            param, shape = name + ".weight", tuple(module.weight.shape)
-        elif isinstance(module, RoutedExperts):
-            param, shape = name + ".gate_proj", tuple(module.gate_proj.shape)
-        else:
-            continue
-        hf = _checkpoint_name(model, param, shape)
-        if _quantizable(hf):
-            yield name, module, hf
 
 
 def replace_with_fp8(model: nn.Module, block: tuple[int, int] = fp8.DEFAULT_BLOCK, scale_fmt: str | None = None,
@@ -197,11 +191,12 @@ def replace_with_fp8(model: nn.Module, block: tuple[int, int] = fp8.DEFAULT_BLOC
             new = FP8Linear.from_linear(module, block, scale_fmt, quantize)
         else:
             new = FP8RoutedExperts.from_experts(module, block, scale_fmt, quantize)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        if child == "kv_b_proj":
-            model.get_submodule(parent_name).__class__ = FP8MLA
+        replace_module(model, name, new)
         swapped.append(name)
+    # The attention whose kv_b_proj is now FP8 needs the dequantizing absorbed path.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MLA) and not isinstance(module, FP8MLA) and isinstance(module.kv_b_proj, FP8Linear):
+            replace_module(model, name, FP8MLA(module))
     return swapped
 
 
@@ -211,8 +206,27 @@ def quantize_model(model: nn.Module, block: tuple[int, int] = fp8.DEFAULT_BLOCK,
     store them) and record the ``quantization_config`` in its config; returns the model."""
     with torch.no_grad():
         replace_with_fp8(model, block, scale_fmt, quantize=True)
-    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
-    if scale_fmt:
-        qc["scale_fmt"] = scale_fmt
-    model.config = model.config.replace(quantization_config=qc)
+    model.config = model.config.replace(quantization_config=fp8_quantization_config(block, scale_fmt))
     return model
+
+
+def load_pretrained_fp8(path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                        max_seq_len: int | None = None, strict: bool = True) -> Transformer:
+    """:func:`dsv3.load_pretrained`, keeping FP8-stored weights as ``float8_e4m3fn`` + scales in FP8
+    layers (half the memory of bf16) instead of dequantizing them.
+
+    The layers stored in FP8 are replaced by empty FP8 layers while the model is on the meta device,
+    and the loader fills them with the checkpoint's bytes. A checkpoint without FP8 weights is
+    loaded as it is and then quantized (:func:`quantize_model`). ``dtype``: the other tensors' dtype.
+    """
+    stored_fp8: frozenset[str] = frozenset()
+
+    def keep_fp8(model: Transformer, fp8_names: frozenset[str]) -> None:
+        nonlocal stored_fp8
+        stored_fp8 = fp8_names
+        if fp8_names:
+            replace_with_fp8(model, fp8_block(model.config), (model.config.quantization_config or {}).get("scale_fmt"),
+                             quantize=False, select=fp8_names.__contains__)
+
+    model = load_pretrained(path, dtype, device, max_seq_len, strict, prepare=keep_fp8)
+    return model if stored_fp8 else quantize_model(model)

@@ -1,6 +1,6 @@
 """Weight memory of a model in bf16 versus the official FP8 layout (for ``dsv3 info``).
 
-FP8 layout: every weight that ``checkpoint._quantizable`` names takes 1 byte per element plus one
+FP8 layout: every weight that ``hf_layout.quantizable`` names takes 1 byte per element plus one
 fp32 scale per block; everything else stays bf16 (the router's selection bias fp32). Computed
 from the config alone: the model is built on the meta device, so no memory is allocated.
 """
@@ -18,11 +18,10 @@ from ..config import ModelConfig
 def fp8_weight_bytes(config: ModelConfig, block: tuple[int, int] | None = None) -> dict:
     """``{bf16_bytes, fp8_bytes, saved_bytes, saved_fraction, fp8_params, block}`` for ``config``
     (including MTP layers; the MTP copies of embedding/head that checkpoints repeat are not counted)."""
-    from ..checkpoint import _quantizable, hf_names
+    from ..hf_layout import fp8_block, hf_names, quantizable
     from ..model import Transformer
     if block is None:
-        qc = config.quantization_config or {}
-        block = tuple(qc.get("weight_block_size") or fp8.DEFAULT_BLOCK)
+        block = fp8_block(config)
     class _Shapes(Transformer):
         def init_weights(self, std=None):  # shapes only: random init on meta tensors is slow and pointless
             pass
@@ -38,7 +37,7 @@ def fp8_weight_bytes(config: ModelConfig, block: tuple[int, int] | None = None) 
             n = math.prod(shape)
             high = 4 if hf.endswith("e_score_correction_bias") else 2
             bf16 += n * high
-            if _quantizable(hf):
+            if quantizable(hf):
                 fp8_total += n + 4 * math.prod(fp8.scale_shape(shape, block))
                 quantized += n
             else:

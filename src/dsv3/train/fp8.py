@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fp8
+from ..hf_layout import fp8_targets
 from ..kernels.fp8_gemm import fp8_gemm
 from ..model.moe import RoutedExperts, dispatch_experts
+from ..replace import adopt_tensors, replace_module
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class FP8TrainingConfig:
     def __post_init__(self):
         if not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"FP8 block={self.block!r}: must be a positive integer")
-        fp8._check_scale_fmt(self.scale_fmt)
+        fp8.check_scale_fmt(self.scale_fmt)
 
 
 class _FP8Matmul(torch.autograd.Function):
@@ -91,6 +93,15 @@ class FP8TrainingLinear(nn.Linear):
 
     fp8_config: FP8TrainingConfig
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: FP8TrainingConfig) -> "FP8TrainingLinear":
+        """The FP8 version of ``linear``, holding its very Parameters (not copies)."""
+        with torch.device("meta"):  # placeholders only: the Parameters are taken over
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        adopt_tensors(new, linear)
+        new.fp8_config = config
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_matmul(x, self.weight, self.fp8_config)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -100,6 +111,16 @@ class FP8TrainingExperts(RoutedExperts):
     """:class:`~dsv3.model.moe.RoutedExperts` with FP8 GEMMs per expert; same parameters and routing."""
 
     fp8_config: FP8TrainingConfig
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, config: FP8TrainingConfig) -> "FP8TrainingExperts":
+        """The FP8 version of ``experts``, holding its very Parameters (not copies)."""
+        E, inter, hidden = experts.gate_proj.shape
+        with torch.device("meta"):  # placeholders only: the Parameters are taken over
+            new = cls(E, hidden, inter)
+        adopt_tensors(new, experts)
+        new.fp8_config = config
+        return new
 
     def _expert(self, chunk: torch.Tensor, route_w: torch.Tensor, w: tuple) -> torch.Tensor:
         w_gate, w_up, w_down = w
@@ -116,15 +137,19 @@ class FP8TrainingExperts(RoutedExperts):
 def apply_fp8_training(model: nn.Module, config: FP8TrainingConfig | None = None) -> list[str]:
     """Make ``model``'s attention and MLP/expert GEMMs FP8, in place; returns the converted module names.
 
-    The modules keep their parameters and state-dict names (only their forward changes), so the
-    optimizer, checkpoints and resume work exactly as without FP8.
+    Each layer is replaced by its FP8 version, which takes over the layer's Parameters by reference
+    (:mod:`dsv3.replace`): the Parameter objects and state-dict names stay (only the forward
+    changes), so an optimizer, checkpoints and resume work exactly as without FP8. Apply it before
+    sharding (FSDP keeps references to the modules it wraps).
     """
-    from ..quant.linear import fp8_targets
     config = config or FP8TrainingConfig()
     names = []
     for name, module, _ in fp8_targets(model):
-        module.__class__ = FP8TrainingLinear if isinstance(module, nn.Linear) else FP8TrainingExperts
-        module.fp8_config = config
+        if isinstance(module, nn.Linear):
+            new = FP8TrainingLinear.from_linear(module, config)
+        else:
+            new = FP8TrainingExperts.from_experts(module, config)
+        replace_module(model, name, new)
         names.append(name)
     return names
 
