@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
 import dsv3.cli
 from dsv3 import CheckpointError, preset
 from dsv3.cli import main
+from dsv3.cli.common import add_command
 
 # The --forward runs are tiny; with the suite's parallel workers on few cores extra intra-op threads
 # only contend (a 10 ms forward can take seconds).
@@ -136,11 +138,12 @@ def test_python_m_entry_point():
 
 def test_runtime_user_errors_have_no_traceback(capsys, monkeypatch):
     # A subcommand that fails the way a checkpoint load can: reported as "dsv3: error: ...", status 2.
-    def add_failing(subparsers):
-        def fail(args):
-            raise CheckpointError("model.safetensors: missing tensor lm_head.weight")
-        dsv3.cli.add_command(subparsers, "fail", fail, help="always fails")
+    def fail(args):
+        raise CheckpointError("model.safetensors: missing tensor lm_head.weight")
 
-    monkeypatch.setattr(dsv3.cli, "SUBCOMMANDS", [*dsv3.cli.SUBCOMMANDS, add_failing])
+    group = types.ModuleType("dsv3.cli.failing")  # a command group, registered as every group is
+    group.register = lambda subparsers: add_command(subparsers, "fail", fail, help="always fails")
+    monkeypatch.setitem(sys.modules, group.__name__, group)
+    monkeypatch.setattr(dsv3.cli, "COMMAND_GROUPS", [*dsv3.cli.COMMAND_GROUPS, "failing"])
     err = run_error(capsys, ["fail"])
     assert err == "dsv3: error: model.safetensors: missing tensor lm_head.weight\n"

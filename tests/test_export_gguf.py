@@ -447,7 +447,7 @@ def test_f16_overflow_is_refused(tmp_path):
 
 def test_export_cli_module_is_cheap_to_import():
     import subprocess
-    code = "import sys, dsv3.export.cli; print('gguf' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, dsv3.cli.export; print('gguf' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False"
 

@@ -173,7 +173,8 @@ def test_train_fp8_runs_saves_bf16_moments_and_resumes_exactly(corpus, tmp_path)
 
 
 def test_cli_flags_reach_the_train_config(capsys):
-    from dsv3.cli import build_parser, train_config_from_args
+    from dsv3.cli import build_parser
+    from dsv3.cli.train import train_config_from_args
     args = build_parser().parse_args(["train", "--fp8", "--fp8-block", "32"])
     cfg = train_config_from_args(args)
     assert cfg.fp8 is True and cfg.fp8_block == 32

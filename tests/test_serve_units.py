@@ -483,7 +483,7 @@ def test_limit_flags_come_from_the_dataclass():
     import argparse
     from dataclasses import fields
 
-    from dsv3.serve.cli import add_limit_args, limits_of
+    from dsv3.cli.serve import add_limit_args, limits_of
     from dsv3.serve.limits import Limits
     p = argparse.ArgumentParser()
     add_limit_args(p)

@@ -24,28 +24,31 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..knobs import knob, nonneg_float, positive_int
+from .tasks import BUILTIN_TASKS
+
 
 @dataclass
 class DemoConfig:
     """Knobs of the demo; the defaults take a few minutes on 2 CPU cores."""
 
-    base: str = "runs/tiny/final"
-    out: str = "runs/post-train"
-    task: str = "sort"
-    sft_examples: int = 3000
-    sft_steps: int = 150
-    sft_batch_size: int = 16
-    sft_lr: float = 1e-3
-    grpo_steps: int = 20
-    grpo_prompts: int = 8
-    grpo_group: int = 8
-    grpo_lr: float = 2e-5
-    kl_beta: float = 0.04
-    max_new_tokens: int = 24
-    eval_problems: int = 100
-    seed: int = 0
-    progress: bool = True
-    device: str | None = None
+    base: str = knob("runs/tiny/final", "base model (pre-trained, with tokenizer)", metavar="DIR")
+    out: str = knob("runs/post-train", "output directory", metavar="DIR")
+    task: str = knob("sort", "built-in task: " + ", ".join(BUILTIN_TASKS))
+    sft_examples: int = knob(3000, "synthetic conversations", type=positive_int)
+    sft_steps: int = knob(150, "SFT steps", type=positive_int)
+    sft_batch_size: int = knob(16, "SFT packed rows per step", type=positive_int)
+    sft_lr: float = knob(1e-3, "SFT learning rate", type=nonneg_float)
+    grpo_steps: int = knob(20, "GRPO steps", type=positive_int)
+    grpo_prompts: int = knob(8, "GRPO prompts per step", type=positive_int)
+    grpo_group: int = knob(8, "GRPO completions per prompt", type=positive_int)
+    grpo_lr: float = knob(2e-5, "GRPO learning rate", type=nonneg_float)
+    kl_beta: float = knob(0.04, "GRPO KL penalty weight", type=nonneg_float)
+    max_new_tokens: int = knob(24, "answer length limit of GRPO rollouts and evaluations", type=positive_int)
+    eval_problems: int = knob(100, "held-out problems per evaluation", type=positive_int)
+    seed: int = knob(0, "seed of data, problems and sampling")
+    progress: bool = knob(True, "no live progress bars")
+    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
 
 def _eval(model_dir: Path, task, cfg: DemoConfig) -> dict:

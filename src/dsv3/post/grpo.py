@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
+from ..knobs import fraction, knob, nonneg_float, positive_float, positive_int
 from ..train.optim import Schedule, build_optimizer
 from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
                            save_training_checkpoint)
 from ..train.trainer import MetricsLog, _autocast
+from .tasks import BUILTIN_TASKS
 
 
 class GRPOError(RuntimeError):
@@ -50,32 +52,35 @@ class GRPOError(RuntimeError):
 class GRPOConfig:
     """Every knob of a GRPO run; saved in each checkpoint so ``--resume`` continues the same run."""
 
-    model: str = "runs/sft/final"          # the starting policy, also the frozen KL reference
-    task: str = "arithmetic"               # built-in task name or user task FILE.py[:fn] / module[:fn]
-    prompts: str | None = None             # prompts file for a user task
-    out: str = "runs/grpo"
-    steps: int = 50
-    prompts_per_step: int = 8
-    group_size: int = 8                    # G
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 5e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    clip_eps: float = 0.2                  # epsilon of the clipped ratio
-    kl_beta: float = 0.04                  # beta of the KL penalty (DeepSeekMath's value)
-    adv_eps: float = 1e-4                  # keeps A finite when a group's rewards barely differ
-    inner_steps: int = 1                   # optimizer steps per sampled batch (mu)
-    micro_batch: int = 16                  # sequences per training forward (memory)
-    seed: int = 0
-    save_every: int = 25
-    eval_every: int = 25                   # greedy accuracy on fixed problems (0: start and end only)
-    eval_problems: int = 64
-    keep_checkpoints: int = 2
-    progress: bool = True
-    device: str | None = None
+    model: str = knob("runs/sft/final", "the starting policy (an SFT chat model, e.g. runs/sft/final); also the KL "
+                                        "reference (required unless --resume)", metavar="DIR")
+    task: str = knob("arithmetic", "built-in task (" + ", ".join(BUILTIN_TASKS) + ") or FILE.py[:fn] / module[:fn]")
+    prompts: str | None = knob(None, "prompts for a user task: text (one per line) or JSONL with 'prompt' / "
+                                     "'messages' (default: the task's own)", metavar="FILE")
+    out: str = knob("runs/grpo", "run directory", metavar="DIR")
+    steps: int = knob(50, "policy updates (default: {default})", type=positive_int)
+    prompts_per_step: int = knob(8, "prompts sampled per step", type=positive_int)
+    group_size: int = knob(8, "completions per prompt (G >= 2)", type=positive_int)
+    max_new_tokens: int = knob(48, "completion length limit", type=positive_int)
+    temperature: float = knob(1.0, "sampling temperature of rollouts", type=nonneg_float)
+    top_p: float = knob(1.0, "nucleus sampling mass of rollouts", type=fraction)
+    lr: float = knob(5e-5, "learning rate (constant after warmup)", type=nonneg_float)
+    warmup_steps: int = knob(0, "linear warmup updates")
+    weight_decay: float = knob(0.0, "AdamW decay on matrices", type=nonneg_float)
+    grad_clip: float = knob(1.0, "gradient norm clip", type=nonneg_float)
+    clip_eps: float = knob(0.2, "ratio clip epsilon", type=nonneg_float)
+    kl_beta: float = knob(0.04, "KL penalty weight (DeepSeekMath's value)", type=nonneg_float)
+    adv_eps: float = knob(1e-4, "added to a group's reward std, so advantages stay finite when its rewards barely "
+                                "differ", type=positive_float)
+    inner_steps: int = knob(1, "optimizer steps per sampled batch (mu)", type=positive_int)
+    micro_batch: int = knob(16, "sequences per training forward", type=positive_int)
+    seed: int = knob(0, "seed of problems and sampling")
+    save_every: int = knob(25, "checkpoint every N steps (0: only final)")
+    eval_every: int = knob(25, "greedy accuracy every N steps (0: start/end)")
+    eval_problems: int = knob(64, "problems in the greedy eval (0: none)")
+    keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep", type=positive_int)
+    progress: bool = knob(True, "no live progress bar")
+    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
     @property
     def out_dir(self) -> Path:
@@ -138,25 +143,6 @@ def sequence_logprobs(model, tokens: torch.Tensor, micro_batch: int | None = Non
 
 
 # --------------------------------------------------------------------------------------- sampling
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    """EOS, and ``<｜User｜>`` (a model starting the next user turn has finished its reply)."""
-    from ..tokenizer import USER_TOKEN
-    ids = {tokenizer.eos_id}
-    try:
-        ids.add(tokenizer.token_id(USER_TOKEN))
-    except KeyError:
-        pass
-    return tuple(sorted(ids))
-
-
-def completion_text(tokenizer, ids: list[int]) -> str:
-    """A completion as the reward sees it: special tokens spelled out (``</think>`` matters), without
-    the final stop token."""
-    if ids and ids[-1] in stop_ids(tokenizer):
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
-
-
 def rollout(model, tokenizer, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int,
             temperature: float, top_p: float, seed: int) -> list[list[list[int]]]:
     """``group_size`` sampled completions (token ids, stop token included) per prompt, with a fresh
@@ -171,7 +157,7 @@ def rollout(model, tokenizer, prompt_ids: list[list[int]], group_size: int, max_
         for j in range(group_size):
             prompts.append(ids)
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                         stop_token_ids=stop_ids(tokenizer), seed=seed * 1_000_003 + i * group_size + j))
+                                         stop_token_ids=tokenizer.stop_ids(), seed=seed * 1_000_003 + i * group_size + j))
     try:
         outs = llm.generate(prompts, params)
     finally:
@@ -200,9 +186,10 @@ def _step_problems(task, cfg: GRPOConfig, step: int):
 def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=print) -> dict:
     """Run (or resume) GRPO; returns the summary (also ``OUT/summary.json``)."""
     from ..checkpoint import load_pretrained
+    from ..device import resolve_device
     from ..eval.tasks import task_accuracy
     from ..tokenizer import Tokenizer
-    from .tasks import load_task, parse_completion
+    from .tasks import completion_text, load_task, parse_completion
 
     out_dir = cfg.out_dir
     cfg, ckpt = open_run(cfg, out_dir, resume, "grpo_config", "steps", steps, GRPOError, log, "GRPO run")
@@ -212,7 +199,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         raise GRPOError(f"--model {cfg.model}: no config.json there (run `dsv3 sft` first)")
     task = load_task(cfg.task, cfg.prompts)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.model)
     policy = load_pretrained(ckpt or cfg.model, dtype=torch.float32, device=device)
     reference = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval().requires_grad_(False)

@@ -20,12 +20,14 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
+from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..train import balance
 from ..train.optim import Schedule, build_optimizer
 from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
@@ -41,39 +43,43 @@ class SFTError(RuntimeError):
 class SFTConfig:
     """Every knob of an SFT run; saved in each checkpoint so ``--resume`` continues the same run."""
 
-    model: str = "runs/tiny/final"         # the base model directory (HF layout with tokenizer)
-    data: list[str] = field(default_factory=list)   # chat JSONL file(s)
-    out: str = "runs/sft"
-    max_steps: int | None = None           # default: ``epochs`` passes over the packed rows
-    epochs: float = 2.0
-    batch_size: int = 8
-    seq_len: int = 512                     # capped at the model's max_position_embeddings
-    lr: float = 5e-4
-    warmup_steps: int = 10
-    decay_start: float = 0.0               # cosine from the end of warmup (post-training convention)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    eval_every: int = 50
-    keep_checkpoints: int = 2
-    val_fraction: float = 0.05
-    mtp_weight: float = 0.1                # keeps the MTP module a good draft model for speculation
-    distill_weight: float = 0.5            # weight of the KL term on tokens with teacher top-k
-    bias_update_rate: float = 1e-3
-    seq_aux_alpha: float = 1e-4
-    max_nonfinite: int = 5
-    progress: bool = True
-    device: str | None = None
+    model: str = knob("runs/tiny/final", "the base model directory (HF layout with tokenizer), e.g. runs/tiny/final "
+                                         "(required unless --resume)", metavar="DIR")
+    data: list[str] = knob(default_factory=list, help="chat JSONL file(s) (required unless --resume)", metavar="FILE")
+    out: str = knob("runs/sft", "run directory", metavar="DIR")
+    max_steps: int | None = knob(None, "optimizer steps (default: --epochs passes over the packed rows)",
+                                 type=positive_int)
+    epochs: float = knob(2.0, "passes over the data when --max-steps is not given", type=nonneg_float)
+    batch_size: int = knob(8, "packed rows per step", type=positive_int)
+    seq_len: int = knob(512, "tokens per packed row (capped at the model's context); longer conversations are cut",
+                        type=positive_int)
+    lr: float = knob(5e-4, "peak learning rate", type=nonneg_float)
+    warmup_steps: int = knob(10, "linear warmup steps")
+    decay_start: float = knob(0.0, "fraction of the run after which the cosine decay starts (post-training "
+                                   "convention: from the end of warmup)", type=fraction)
+    min_lr_ratio: float = knob(0.1, "final LR as a fraction of --lr (cosine)", type=fraction)
+    weight_decay: float = knob(0.1, "AdamW decay on matrices", type=nonneg_float)
+    grad_clip: float = knob(1.0, "gradient norm clip", type=nonneg_float)
+    seed: int = knob(0, "seed of the data order")
+    save_every: int = knob(100, "checkpoint every N steps (0: only final)")
+    eval_every: int = knob(50, "validate every N steps (0: only at the end)")
+    keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep", type=positive_int)
+    val_fraction: float = knob(0.05, "share of conversations held out for validation (by a hash of the record)",
+                               type=fraction)
+    mtp_weight: float = knob(0.1, "weight of the MTP loss on assistant tokens (keeps speculative decoding useful)",
+                             type=nonneg_float)
+    distill_weight: float = knob(0.5, "weight of the KL term toward teacher top-k log-probs (records with a "
+                                      "'teacher' field)", type=nonneg_float)
+    bias_update_rate: float = knob(1e-3, "aux-loss-free balancing gamma (0: off)", type=nonneg_float)
+    seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
+                                type=nonneg_float)
+    max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
+    progress: bool = knob(True, "no live progress bar")
+    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out)
-
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------- losses
@@ -191,7 +197,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     if not (base / "config.json").is_file():
         raise SFTError(f"--model {base}: no config.json there (train a base first: `make demo` or `dsv3 train`)")
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     try:
         tokenizer = Tokenizer.load(ckpt or base)
     except TokenizerError as e:

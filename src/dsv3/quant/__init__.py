@@ -11,7 +11,7 @@ __all__ = ["FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "rep
 
 
 def __getattr__(name):
-    # Imported on first use, so that `dsv3.quant.cli` (loaded by every `dsv3` command) stays cheap.
+    # Imported on first use, so that importing a light submodule (quant.memory, quant.convert) stays cheap.
     if name in ("FP8Linear", "FP8RoutedExperts", "fp8_linear", "quantize_model", "replace_with_fp8",
                 "load_pretrained_fp8"):
         from . import linear

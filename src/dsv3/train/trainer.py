@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, preset
+from ..config import PRESETS, ModelConfig, preset
+from ..device import resolve_device
+from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
 from .optim import Schedule, build_optimizer
@@ -40,54 +42,62 @@ class TrainError(RuntimeError):
 class TrainConfig:
     """Every knob of a run; saved in each checkpoint so ``--resume`` continues the same run."""
 
-    preset: str = "tiny"
-    data: list[str] | None = None          # None: the standard library's .py sources
-    out: str | None = None                 # default runs/<preset>
-    cache_dir: str | None = None           # where the tokenizer and token shards live (default: out)
-    max_steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    decay_start: float = 0.6
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    eval_every: int = 50
-    eval_batches: int = 4
-    keep_checkpoints: int = 2              # older checkpoint-STEP dirs are deleted
-    bias_update_rate: float = 1e-3         # gamma of aux-loss-free balancing; 0 switches it off
-    seq_aux_alpha: float = 1e-4            # complementary sequence-wise balance loss
-    aux_loss_alpha: float = 0.0            # classic (DeepSeek-V2) auxiliary loss, for comparison
-    mtp_depth: int | None = None           # D; default: the preset's num_nextn_predict_layers
-    mtp_weight: float = 0.3                # lambda
-    fim_rate: float = 0.1
-    vocab_size: int = 8192
-    tokenizer_train_mb: float = 8.0        # how much of the train split the BPE is learned from
-    val_fraction: float = 0.02
-    max_nonfinite: int = 5                 # stop after this many non-finite losses in a row
-    sample_tokens: int = 48
-    progress: bool = True
-    device: str | None = None              # default: cuda if available, else cpu
-    model_overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests, experiments)
-    fp8: bool = False                      # FP8 mixed precision (train/fp8.py): E4M3 GEMMs, bf16 Adam moments
-    fp8_block: int = 128                   # FP8 tile/block size (1 x b activations, b x b weights)
-    ep: int = 1                            # expert-parallel size under torchrun (train/parallel/); 1: FSDP2 only
-    fused_ce: bool = True                  # head + cross-entropy chunk by chunk (kernels/linear_cross_entropy.py)
-    compile: bool = False                  # torch.compile attention, norms, MLPs, routers (train/compile.py)
+    preset: str = knob("tiny", "model shape", choices=sorted(PRESETS))
+    data: list[str] | None = knob(None, "text files, directories or JSONL (`text` field); default: the standard "
+                                        "library's .py sources", metavar="PATH")
+    out: str | None = knob(None, "output directory (default: runs/<preset>)", metavar="DIR")
+    cache_dir: str | None = knob(None, "where the tokenizer and token shards live (default: the output directory)",
+                                 metavar="DIR")
+    max_steps: int = knob(200, "optimizer steps (default: {default})", type=positive_int)
+    batch_size: int = knob(8, "sequences per micro-batch (under torchrun: the global batch, split over ranks)",
+                           type=positive_int)
+    seq_len: int = knob(256, "tokens per sequence", type=positive_int)
+    grad_accum: int = knob(1, "micro-batches per step", type=positive_int)
+    lr: float = knob(3e-3, "peak learning rate", type=nonneg_float)
+    warmup_steps: int = knob(20, "linear warmup steps")
+    decay_start: float = knob(0.6, "fraction of the run after which the cosine decay starts", type=fraction)
+    min_lr_ratio: float = knob(0.1, "final LR as a fraction of --lr", type=fraction)
+    weight_decay: float = knob(0.1, "AdamW decay on matrices", type=nonneg_float)
+    grad_clip: float = knob(1.0, "gradient norm clip", type=nonneg_float)
+    seed: int = knob(0, "seed for init, data order and FIM")
+    save_every: int = knob(100, "checkpoint every N steps (0: only final)")
+    eval_every: int = knob(50, "validate every N steps (0: only at the end)")
+    eval_batches: int = knob(4, "validation batches", type=positive_int)
+    keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep (older ones are deleted)",
+                                 type=positive_int)
+    bias_update_rate: float = knob(1e-3, "gamma of aux-loss-free balancing (0 switches it off)", type=nonneg_float)
+    seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
+                                type=nonneg_float)
+    aux_loss_alpha: float = knob(0.0, "alpha of the classic (DeepSeek-V2) batch-wise auxiliary balance loss "
+                                      "(0: off)", type=nonneg_float)
+    mtp_depth: int | None = knob(None, "MTP depth D (default: the preset's num_nextn_predict_layers)")
+    mtp_weight: float = knob(0.3, "MTP loss weight lambda", type=nonneg_float)
+    fim_rate: float = knob(0.1, "fraction of documents in FIM (PSM) form", type=fraction)
+    vocab_size: int = knob(8192, "BPE vocabulary size", type=positive_int)
+    tokenizer_train_mb: float = knob(8.0, "MB of training text the BPE tokenizer is learned from",
+                                     type=nonneg_float)
+    val_fraction: float = knob(0.02, "documents held out for validation", type=fraction)
+    max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
+    sample_tokens: int = knob(48, "tokens of the sample generated from the final model (0: no sample)")
+    progress: bool = knob(True, "no live progress bar")
+    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
+    # Extra ModelConfig fields (tests, experiments); on the command line: --model-set FIELD=VALUE.
+    model_overrides: dict = field(default_factory=dict)
+    fp8: bool = knob(False, "FP8 mixed precision (DeepSeek-V3 recipe; train/fp8.py): E4M3 GEMMs in forward and "
+                            "backward with 1x128 activation tiles and 128x128 weight blocks, fp32 master weights, "
+                            "bf16 AdamW moments")
+    fp8_block: int = knob(128, "FP8 tile/block size (1xB activation tiles, BxB weight blocks)", type=positive_int)
+    ep: int = knob(1, "expert-parallel size under torchrun (train/parallel/): routed experts split over groups of "
+                      "EP ranks; 1: FSDP2 only", type=positive_int)
+    fused_ce: bool = knob(True, "compute the training loss from full [batch, seq, vocab] logits instead of the "
+                                "fused, chunked head + cross-entropy (kernels/linear_cross_entropy.py; same loss; "
+                                "slower, more memory; fused: %(default)s)")
+    compile: bool = knob(False, "torch.compile the attention, norms, MLPs and routers (train/compile.py): faster "
+                                "steps after a one-off compile (about a minute on CPU; needs a C++ compiler)")
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/{self.preset}")
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
@@ -282,7 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     if not main:
         cfg = dataclasses.replace(cfg, progress=False)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg) if dp is None else dp.device
+    device = resolve_device(cfg.device) if dp is None else dp.device
 
     from .. import tokenizer as T
     with nullcontext() if dp is None else dp.main_first():  # rank 0 trains the tokenizer / tokenizes first

@@ -1,7 +1,6 @@
-"""``dsv3 serve`` (the OpenAI-compatible server) and ``dsv3 bench serve`` (its load benchmark).
+"""``dsv3 serve``: the OpenAI-compatible server (its load benchmark is ``dsv3 bench serve``).
 
-Registered through ``dsv3.cli.FEATURE_CLIS``; heavy imports (torch, FastAPI, uvicorn) happen inside
-the command functions so ``dsv3 --help`` stays fast.
+Heavy imports (torch, FastAPI, uvicorn) happen inside the command function so ``dsv3 --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,13 +9,14 @@ import argparse
 import os
 import sys
 
-from ..cli import (CLIError, HelpFormatter, _write_json, add_command, add_engine_speed_args, engine_speed_kwargs,
-                   positive_int)
+from ..knobs import positive_int
+from .common import CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs
+from .fields import add_dataclass_args, from_args
 
 API_KEY_ENV = "DSV3_API_KEY"
 
 
-def add_parsers(subparsers, bench, experiment) -> None:
+def register(subparsers) -> None:
     p = add_command(subparsers, "serve", cmd_serve, help="serve a model over an OpenAI-compatible HTTP API",
                     description="FastAPI + uvicorn server for one checkpoint: /v1/models, /v1/chat/completions "
                                 "(tools, JSON output, thinking), /v1/completions (suffix = fill-in-the-middle, "
@@ -51,7 +51,7 @@ def add_parsers(subparsers, bench, experiment) -> None:
                    help="MTP speculative decoding (requests with grammars, penalties or logprobs decode plainly)")
     p.add_argument("--num-speculative-tokens", type=positive_int, default=1, metavar="K",
                    help="draft tokens per step with --speculative")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    add_device_arg(p, "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
                    help="weight and latent-cache dtype (auto: bfloat16 only on a CPU with bf16 units where it "
                         "measures faster, else float32)")
@@ -61,61 +61,20 @@ def add_parsers(subparsers, bench, experiment) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
 
-    b = bench.add_parser("serve", formatter_class=HelpFormatter,
-                         help="throughput and time to first token of `dsv3 serve` under load (vs transformers serve)",
-                         description="Starts `dsv3 serve` on the checkpoint (a subprocess on a free loopback port), "
-                                     "sends streaming completion requests at each concurrency level (random token "
-                                     "prompts, exactly --gen-len tokens each) and reports output tokens/s, requests/s "
-                                     "and time to first token p50/p99. With --peer transformers the same load runs "
-                                     "against `transformers serve` on the same checkpoint and the JSON holds the "
-                                     "ratios (or why the peer could not run).")
-    b.add_argument("--model", metavar="DIR", required=True, help="checkpoint directory with tokenizer")
-    b.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32],
-                   help="concurrent clients, one run per value")
-    b.add_argument("--requests", type=positive_int, default=None,
-                   help="requests per concurrency level (default: 2 x concurrency, at least 4)")
-    b.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt")
-    b.add_argument("--gen-len", type=positive_int, default=32, help="generated tokens per request")
-    b.add_argument("--threads", type=positive_int, default=None, help="torch threads of each server")
-    b.add_argument("--device", default="cpu", help="torch device of both servers (e.g. cuda)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights of both servers")
-    b.add_argument("--peer", choices=["transformers", "none"], default="transformers",
-                   help="also measure `transformers serve` on the same checkpoint")
-    b.add_argument("--peer-timeout", type=positive_int, default=180,
-                   help="seconds to wait for the peer server to come up")
-    b.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    b.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
-    b.set_defaults(func=cmd_bench_serve)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
 
 def add_limit_args(p) -> None:
     """One flag per :class:`dsv3.serve.limits.Limits` field (the dataclass holds defaults and help)."""
-    from dataclasses import fields
-
-    from .limits import Limits
+    from ..serve.limits import Limits
 
     g = p.add_argument_group("request limits and timeouts (a request over a limit gets a 4xx naming it)")
-    for f in fields(Limits):
-        g.add_argument(Limits.flag(f.name), dest=f.name, type=positive_int if isinstance(f.default, int)
-                       else _positive_float, default=f.default, help=f.metadata["help"])
+    add_dataclass_args(g, Limits)
 
 
 def limits_of(args: argparse.Namespace):
-    from dataclasses import fields
+    """The :class:`dsv3.serve.limits.Limits` of the flags added by :func:`add_limit_args`."""
+    from ..serve.limits import Limits
 
-    from .limits import Limits
-
-    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    return from_args(Limits, args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -123,9 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..config import ModelConfig
     from ..engine import LLM
+    from ..serve.app import create_app
+    from ..serve.transport import serve
     from ..tokenizer import Tokenizer, TokenizerError
-    from .app import create_app
-    from .transport import serve
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -161,18 +120,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{'API key required' if api_key else 'no API key'}; chat page at http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
     serve(app, args.host, args.port, args.log_level, limits.header_timeout, limits.shutdown_timeout)
-    return 0
-
-
-def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from ..bench.serve import bench_serve, format_bench_serve
-
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such model directory")
-    result = bench_serve(args.model, concurrency=args.concurrency, requests=args.requests,
-                         prompt_len=args.prompt_len, gen_len=args.gen_len, threads=args.threads, peer=args.peer,
-                         peer_timeout=args.peer_timeout, seed=args.seed, device=args.device, dtype=args.dtype)
-    print(format_bench_serve(result))
-    if args.json:
-        _write_json(args.json, result)
     return 0

@@ -1,4 +1,4 @@
-"""CLI of the export feature: ``dsv3 export --to gguf DIR OUT.gguf`` (registered via ``FEATURE_CLIS``).
+"""``dsv3 export --to gguf DIR OUT.gguf``: a checkpoint for another runtime (``dsv3.export``).
 
 Cheap to import: torch and the ``gguf`` library load inside the command.
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import CLIError, add_command
+from .common import CLIError, add_command, add_json_arg
 
 FORMATS = ("gguf",)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # dsv3.export.gguf.OUT_TYPES, repeated to keep this import cheap
 
 
-def add_parsers(subparsers, bench, experiment) -> None:
+def register(subparsers) -> None:
     p = add_command(subparsers, "export", cmd_export,
                     help="write a checkpoint for another runtime (--to gguf: llama.cpp / Ollama)",
                     description="--to gguf: one GGUF file for llama.cpp's deepseek2 architecture (MLA with "
@@ -33,13 +33,13 @@ def add_parsers(subparsers, bench, experiment) -> None:
                    help="llama.cpp pre-tokenizer name to write (default: detected from tokenizer.json; only the "
                         "GPT-2 byte-level split of dsv3's tokenizer is detected, as 'gpt-2')")
     p.add_argument("--name", default=None, help="general.name in the file (default: the directory name)")
-    p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
+    add_json_arg(p, "the summary")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..tokenizer import TokenizerError
-    from .gguf import ExportError, export_gguf
+    from ..export.gguf import ExportError, export_gguf
     try:
         summary = export_gguf(args.src, args.out, args.out_type, pre=args.pre, name=args.name)
     except (ExportError, CheckpointError, TokenizerError) as e:

@@ -1,0 +1,108 @@
+"""What every command group of the ``dsv3`` CLI shares: the error type, the help format, command
+registration, and the flags several groups declare alike (``--device``, ``--json FILE``, the engine's
+speed switches). Imports nothing of the command groups, so each of them can import it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+PROG = "dsv3"
+
+
+class CLIError(Exception):
+    """A user error detected by a subcommand; shown as ``dsv3: error: <message>``, exit status 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something wrong (no traceback for these)."""
+    from ..config import ConfigError
+
+    errors: list[type[BaseException]] = [CLIError, ConfigError, OSError]
+    try:  # checkpoint I/O is optional at import time (it pulls in safetensors)
+        from .. import CheckpointError
+        errors.append(CheckpointError)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except ``None`` defaults whose help text says what happens instead.
+
+    A ``--no-X`` switch (store_false) shows its own default, False (not given), as ``--X`` switches do,
+    rather than the True of the setting it turns off.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        if action.nargs == 0 and action.const is False and "%(default)" not in (action.help or ""):
+            return f"{action.help} (default: {not action.default})"
+        return super()._get_help_string(action)
+
+
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """Declare subcommand ``name`` run by ``func(args)``; returns its parser for the flags."""
+    p = subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_group(subparsers, name: str, help: str, description: str | None = None):
+    """Declare command group ``name`` (``dsv3 NAME SUB ...``); returns the subparsers for its members."""
+    p = subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    return p.add_subparsers(dest=name, required=True, metavar="NAME")
+
+
+def add_member(group, name: str, func: Callable[[argparse.Namespace], int], help: str,
+               description: str | None = None) -> argparse.ArgumentParser:
+    """Declare ``dsv3 GROUP name`` (``group`` from :func:`add_group`) run by ``func(args)``."""
+    p = group.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+# ---------------------------------------------------------------------- flags several groups share
+DEVICE_DEFAULTS = {"cpu": "cpu", "auto": "cuda if available, else cpu"}
+
+
+def add_device_arg(p, fallback: str = "auto") -> None:
+    """``--device``: a torch device; when not given, ``fallback``: "cpu", or "auto" (cuda if available)."""
+    p.add_argument("--device", default=None, help=f"torch device (default: {DEVICE_DEFAULTS[fallback]})")
+
+
+def add_json_arg(p, what: str = "the full result") -> None:
+    """``--json FILE``: also write ``what`` as JSON (see :func:`write_json`)."""
+    p.add_argument("--json", metavar="FILE", help=f"also write {what} as JSON to FILE")
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write ``result`` to ``path`` as indented JSON and say so on stdout."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"written: {path}")
+
+
+def add_engine_speed_args(p: argparse.ArgumentParser) -> None:
+    """Engine switches shared by ``generate``, ``chat`` and ``serve`` (see docs/engine-performance.md, docs/fp8.md)."""
+    p.add_argument("--keep-fp8", action="store_true",
+                   help="keep an FP8 checkpoint's weights in FP8 (half the memory of bf16) instead of dequantizing")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="CPU: weight-only quantize the linear layers and routed experts after loading (int8 per "
+                        "output channel, int4 in groups of 32), for faster decoding in less memory")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA, replay decode steps from captured CUDA graphs (one per batch-size bucket)")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (on a CPU about 2x eager decoding; on CUDA "
+                        "also captured in CUDA graphs); the first step of each batch-size bucket compiles, "
+                        "5 s to a few minutes")
+
+
+def engine_speed_kwargs(args: argparse.Namespace) -> dict:
+    """The ``dsv3.LLM`` keyword arguments of the flags added by :func:`add_engine_speed_args`."""
+    return {"keep_fp8": args.keep_fp8, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+            "quantize": args.quantize}

@@ -1,0 +1,127 @@
+"""``dsv3 experiment NAME``: paper ablations and quality studies at small scale, each a comparison
+of runs on the same data and seed (the code of each lives beside its feature)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..knobs import positive_int
+from .common import CLIError, add_group, add_json_arg, add_member, write_json
+from .fields import add_dataclass_args, from_args
+from .train import add_train_args, train_config_from_args
+
+
+def register(subparsers) -> None:
+    group = add_group(subparsers, "experiment", help="reproduce a paper ablation at small scale")
+    b = add_member(group, "balance", cmd_experiment_balance,
+                   help="aux loss vs aux-loss-free vs no balancing: val ppl and MaxVio",
+                   description="Train the same model three ways (classic aux loss alpha=1e-3, aux-loss-free "
+                               "gamma=1e-3, neither) and compare val perplexity, MaxVio_global, MaxVio_batch.")
+    add_train_args(b, resume_flag=False)
+    _add_post_train(group)
+    _add_fp8(group)
+    _add_quant(group)
+
+
+def cmd_experiment_balance(args: argparse.Namespace) -> int:
+    from ..train.experiment_balance import format_table, run_balance_experiment
+    cfg = train_config_from_args(args)
+    out = args.out or f"runs/experiment-balance-{cfg.preset}"
+    results = run_balance_experiment(cfg, out)
+    print(format_table(results))
+    print(f"written: {out}/balance_results.md, {out}/balance_results.json, {out}/balance.png")
+    return 0
+
+
+# ---------------------------------------------------------------------- post-train
+def _add_post_train(group) -> None:
+    from ..post.demo import DemoConfig
+    p = add_member(group, "post-train", cmd_post_train,
+                   help="the no-download post-training demo: SFT then GRPO, accuracy at each stage",
+                   description="Generate a synthetic chat dataset from a verifiable task, SFT the tiny base of "
+                               "the pre-training demo on it, then GRPO; report greedy accuracy on held-out "
+                               "problems before SFT, after SFT and after GRPO. Needs runs/tiny/final (`make demo` "
+                               "or `dsv3 train`) or --base DIR.")
+    add_dataclass_args(p, DemoConfig)
+
+
+def cmd_post_train(args: argparse.Namespace) -> int:
+    from ..post.demo import DemoConfig, format_demo, run_demo
+    try:
+        result = run_demo(from_args(DemoConfig, args))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(format_demo(result))
+    print(f"written: {args.out}/post_train_results.json, {args.out}/post_train_results.md")
+    return 0
+
+
+# ---------------------------------------------------------------------- fp8
+def _add_fp8(group) -> None:
+    e = add_member(group, "fp8", cmd_experiment_fp8,
+                   help="BF16 vs FP8 mixed-precision training on the same data and seed",
+                   description="Train the same model twice, in the trainer's high precision (fp32 on CPU, bf16 "
+                               "autocast on GPU) and with FP8 GEMMs (DeepSeek-V3 recipe), and report the relative "
+                               "loss error over the run (paper: < 0.25%) with a plot.")
+    # Shorter than a default training run, so both arms fit in minutes on 2 cores.
+    add_train_args(e, resume_flag=False,
+                   defaults={"max_steps": 60, "seq_len": 128, "eval_every": 0, "save_every": 0, "warmup_steps": 10})
+
+
+def cmd_experiment_fp8(args: argparse.Namespace) -> int:
+    from ..train.experiment_fp8 import format_report, run_fp8_experiment
+    from ..train.trainer import TrainError
+    cfg = train_config_from_args(args)
+    out = args.out or f"runs/experiment-fp8-{cfg.preset}"
+    try:
+        result = run_fp8_experiment(cfg, out)
+    except TrainError as e:
+        raise CLIError(str(e)) from e
+    print(format_report(result))
+    print(f"written: {out}/fp8_results.json, {out}/fp8_results.md, {out}/fp8.png")
+    return 0
+
+
+# ---------------------------------------------------------------------- quant
+def _add_quant(group) -> None:
+    q = add_member(group, "quant", cmd_experiment_quant,
+                   help="quality of fp32 / bf16 / weight-only int8 / int4 decoding on one checkpoint",
+                   description="Load the checkpoint at each precision and measure, against fp32: perplexity on "
+                               "held-out text (as dsv3 eval), teacher-forced top-1 agreement and KL divergence, "
+                               "and greedy agreement of the engine (identical sequences, common prefix). See "
+                               "docs/engine-performance.md.")
+    q.add_argument("--model", metavar="DIR", required=True, help="checkpoint directory with its tokenizer")
+    q.add_argument("--precisions", nargs="+", default=None, metavar="NAME",
+                   help="fp32, bf16, int8, int8+head, int4, int4+head (default: all; fp32 is always measured)")
+    q.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help="held-out text: files, directories or JSONL ('text'); default: the stdlib val split")
+    q.add_argument("--seq-len", type=positive_int, default=256, help="tokens per perplexity window")
+    q.add_argument("--max-windows", type=positive_int, default=32, help="windows scored (a seeded random subset)")
+    q.add_argument("--prompts", type=positive_int, default=16, help="greedy generations (prompts from the windows)")
+    q.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per greedy prompt")
+    q.add_argument("--gen-len", type=positive_int, default=32, help="greedy tokens per prompt")
+    q.add_argument("--group-size", type=positive_int, default=32, help="int4 input channels per scale")
+    q.add_argument("--seed", type=int, default=0, help="seed of the windows")
+    q.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    add_json_arg(q, "the results")
+
+
+def cmd_experiment_quant(args: argparse.Namespace) -> int:
+    import os
+
+    from ..quant.quality import DEFAULT_PRECISIONS, format_report, quality_report
+    if not os.path.isdir(args.model):
+        raise CLIError(f"--model {args.model}: no such model directory")
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        report = quality_report(args.model, tuple(args.precisions or DEFAULT_PRECISIONS), args.data, args.seq_len,
+                                args.max_windows, args.prompts, args.prompt_len, args.gen_len, args.group_size,
+                                args.seed, log=lambda line: None)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0

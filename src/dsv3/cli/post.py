@@ -1,0 +1,144 @@
+"""Post-training: ``dsv3 sft``, ``dsv3 grpo`` (flags from :class:`dsv3.post.sft.SFTConfig` and
+:class:`dsv3.post.grpo.GRPOConfig`) and ``dsv3 distill`` (SFT data from a teacher)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..knobs import fraction, nonneg_float, positive_int
+from .common import CLIError, add_command, add_device_arg
+from .fields import add_dataclass_args, from_args
+
+
+def register(subparsers) -> None:
+    _add_sft(subparsers)
+    _add_grpo(subparsers)
+    _add_distill(subparsers)
+
+
+def task_names() -> str:
+    """The built-in verifiable tasks, for help texts."""
+    from ..post.tasks import BUILTIN_TASKS
+    return ", ".join(BUILTIN_TASKS)
+
+
+# ---------------------------------------------------------------------- sft
+def _add_sft(subparsers) -> None:
+    from ..post.sft import SFTConfig
+    p = add_command(subparsers, "sft", cmd_sft, help="supervised fine-tuning on chat data (base -> chat model)",
+                    description="Fine-tune a model on chat JSONL ({'messages': [...]} per line, system/user/"
+                                "assistant/tool roles, optional tool_calls and reasoning_content) rendered with "
+                                "the model's chat template; loss on assistant tokens only; examples packed into "
+                                "rows. Records written by `dsv3 distill --top-logprobs K` add a KL term toward "
+                                "the teacher. Writes OUT/metrics.jsonl, atomic checkpoints, plots and OUT/final "
+                                "(an HF-layout chat model for `dsv3 chat` / `dsv3 serve`).")
+    # --model / --data not given stay None: required for a new run, taken from the run on --resume.
+    add_dataclass_args(p, SFTConfig, defaults_override={"model": None, "data": None})
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the SFT run in DIR from its last complete checkpoint (its settings are kept; "
+                        "--max-steps may extend it)")
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from ..post.chat_data import ChatDataError
+    from ..post.sft import SFTConfig, SFTError, format_sft_summary, sft
+    resume = args.resume is not None
+    if resume:
+        if not os.path.isdir(args.resume):
+            raise CLIError(f"--resume {args.resume}: no such run directory")
+        args.out = args.resume
+    elif args.model is None or not args.data:
+        raise CLIError("--model BASE and --data FILE.jsonl are required (or --resume DIR)")
+    cfg = from_args(SFTConfig, args)
+    try:
+        summary = sft(cfg, resume=resume, max_steps=args.max_steps)
+    except (SFTError, ChatDataError) as e:
+        raise CLIError(str(e)) from None
+    print(format_sft_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------- grpo
+def _add_grpo(subparsers) -> None:
+    from ..post.grpo import GRPOConfig
+    p = add_command(subparsers, "grpo", cmd_grpo, help="GRPO reinforcement learning on a verifiable reward",
+                    description="Group Relative Policy Optimization: per prompt sample --group-size completions "
+                                "with the engine, score them with the task's reward, use group-normalized "
+                                "advantages, the clipped policy ratio and a k3 KL penalty to the frozen starting "
+                                "model (no value model). Built-in tasks (" + task_names() + ") generate problems "
+                                "on the fly: exact-match reward 1 plus a 0.1 format reward for "
+                                "REASONING</think>ANSWER. A user task is FILE.py[:function] or module[:function] "
+                                "with reward(prompt, completion) -> float and prompts (a `prompts` list, a "
+                                "`sample_prompt(rng)` function, or --prompts FILE).")
+    # --model not given stays None (required unless --resume); --steps too, so a resumed run keeps its budget.
+    add_dataclass_args(p, GRPOConfig, defaults_override={"model": None, "steps": None})
+    p.add_argument("--resume", metavar="DIR", default=None, help="continue the GRPO run in DIR (--steps may extend it)")
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from ..post.grpo import GRPOConfig, GRPOError, format_grpo_summary, grpo
+    resume = args.resume is not None
+    if resume:
+        if not os.path.isdir(args.resume):
+            raise CLIError(f"--resume {args.resume}: no such run directory")
+        args.out = args.resume
+    elif args.model is None:
+        raise CLIError("--model DIR is required (or --resume DIR)")
+    try:
+        summary = grpo(from_args(GRPOConfig, args), resume=resume, steps=args.steps)
+    except (GRPOError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(format_grpo_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------- distill
+def _add_distill(subparsers) -> None:
+    p = add_command(subparsers, "distill", cmd_distill, help="generate SFT data with a teacher model",
+                    description="The teacher answers every prompt through the chat template (engine, batched) "
+                                "and each answer becomes a chat JSONL record for `dsv3 sft`. --top-logprobs K "
+                                "also keeps the teacher's tokens and top-K log-probs per token, for the KL "
+                                "distillation loss of `dsv3 sft` (student must share the teacher's tokenizer).")
+    p.add_argument("--teacher", metavar="DIR", required=True, help="teacher model directory (HF layout with tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", metavar="FILE",
+                     help="prompts: text (one user message per line) or JSONL with 'messages' or 'prompt'")
+    src.add_argument("--task", help=f"use problems of a built-in task ({task_names()}) as prompts")
+    p.add_argument("--num", type=positive_int, default=256, help="problems to generate with --task")
+    p.add_argument("--out", metavar="FILE", required=True, help="output chat JSONL")
+    p.add_argument("--think", action="store_true", help="thinking mode: the teacher reasons in <think> first")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="new tokens per answer (cut answers are dropped)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="keep the teacher's top-K log-probs per token for KL distillation (0: text only)")
+    p.add_argument("--samples-per-prompt", type=positive_int, default=1, help="answers per prompt")
+    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut by --max-tokens (otherwise they are dropped)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (and of --task problems)")
+    add_device_arg(p, "cpu")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..post.distill import distill, read_conversations
+    from ..post.tasks import load_task, problems
+    if not os.path.isdir(args.teacher):
+        raise CLIError(f"--teacher {args.teacher}: no such model directory")
+    if args.top_logprobs < 0:
+        raise CLIError(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
+    try:
+        if args.prompts:
+            convs = read_conversations(args.prompts)
+        else:
+            convs = [p.messages() for p in problems(load_task(args.task), args.num, args.seed)]
+        s = distill(args.teacher, convs, args.out, thinking=args.think, max_new_tokens=args.max_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_logprobs=args.top_logprobs,
+                    samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
+                    keep_truncated=args.keep_truncated)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"distill: {s['written']} records -> {s['out']} ({s['prompts']} prompts, {s['completion_tokens']:,} "
+          f"completion tokens, {s['dropped_truncated']} cut by --max-tokens dropped"
+          f"{', top-%d logprobs kept' % s['top_logprobs'] if s['top_logprobs'] else ''})")
+    print(f"next: dsv3 sft --model STUDENT --data {s['out']} --out runs/distilled")
+    return 0
