@@ -15,21 +15,34 @@ def register(subparsers) -> None:
     group = add_group(subparsers, "experiment", help="reproduce a paper ablation at small scale")
     b = add_member(group, "balance", cmd_experiment_balance,
                    help="aux loss vs aux-loss-free vs no balancing: val ppl and MaxVio",
-                   description="Train the same model three ways (classic aux loss alpha=1e-3, aux-loss-free "
-                               "gamma=1e-3, neither) and compare val perplexity, MaxVio_global, MaxVio_batch.")
-    add_train_args(b, resume_flag=False)
+                   description="Train the same model three ways (aux-loss-free bias updates, classic aux loss, "
+                               "neither), each at several seeds, and compare val perplexity, MaxVio_global and "
+                               "late MaxVio_batch (mean and std over seeds): OUT/summary.json, a table, plots.")
+    from ..train.experiment_balance import ARM_FIELDS, BalanceExperimentConfig
+    # the arms set ARM_FIELDS themselves, from BalanceExperimentConfig's flags
+    add_train_args(b, resume_flag=False, defaults={"save_every": 0, "sample_tokens": 0}, exclude=ARM_FIELDS)
+    add_dataclass_args(b, BalanceExperimentConfig)
     _add_post_train(group)
     _add_fp8(group)
     _add_quant(group)
 
 
 def cmd_experiment_balance(args: argparse.Namespace) -> int:
-    from ..train.experiment_balance import format_table, run_balance_experiment
+    from ..train.experiment_balance import BalanceExperimentConfig, format_table, run_balance_experiment
+    from ..train.trainer import TrainError
     cfg = train_config_from_args(args)
+    try:
+        exp = from_args(BalanceExperimentConfig, args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     out = args.out or f"runs/experiment-balance-{cfg.preset}"
-    results = run_balance_experiment(cfg, out)
-    print(format_table(results))
-    print(f"written: {out}/balance_results.md, {out}/balance_results.json, {out}/balance.png")
+    try:
+        result = run_balance_experiment(cfg, out, exp)
+    except TrainError as e:
+        raise CLIError(str(e)) from e
+    print(format_table(result))
+    print(f"written: {out}/summary.json, {out}/runs.json, {out}/balance_results.md, {out}/balance.png"
+          + (f", {out}/gamma_sweep.png" if exp.gamma_sweep else ""))
     return 0
 
 

@@ -14,14 +14,17 @@ from .fields import add_dataclass_args, from_args
 EXPLICIT = {"model_overrides": "--model-set"}
 
 
-def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True, defaults: dict | None = None) -> None:
+def add_train_args(p: argparse.ArgumentParser, resume_flag: bool = True, defaults: dict | None = None,
+                   exclude: tuple[str, ...] = ()) -> None:
     """The flags of ``dsv3 train`` (also used by experiments): one per TrainConfig field, plus
     ``--resume DIR`` and ``--model-set FIELD=VALUE``; ``defaults`` replaces some fields' defaults (an
-    experiment's shorter runs). Read back with :func:`train_config_from_args`."""
+    experiment's shorter runs); ``exclude`` names fields an experiment sets itself (no flag for them).
+    Read back with :func:`train_config_from_args`."""
     from ..train.trainer import TrainConfig
 
     # --max-steps not given stays None, so a resumed run keeps its own step budget.
-    add_dataclass_args(p, TrainConfig, exclude=EXPLICIT, defaults_override={"max_steps": None, **(defaults or {})})
+    add_dataclass_args(p, TrainConfig, exclude={*EXPLICIT, *exclude},
+                       defaults_override={"max_steps": None, **(defaults or {})})
     if resume_flag:
         p.add_argument("--resume", metavar="DIR",
                        help="continue the run in DIR from its last complete checkpoint (its settings are kept; "
