@@ -241,6 +241,20 @@ class Tokenizer:
         except KeyError:
             raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
 
+    def stop_ids(self, extra: Iterable[int | None] = (), eos: bool = True) -> tuple[int, ...]:
+        """The ids that end an assistant reply, sorted: EOS, and ``<｜User｜>`` when the vocabulary has it
+        (a model that starts the next user turn has finished its reply), plus ``extra`` (``None`` is
+        skipped, e.g. a config's unset ``eos_token_id``).
+
+        eos=False leaves EOS out, for an engine that stops at EOS itself unless told to ignore it.
+        """
+        ids = {int(i) for i in extra if i is not None}
+        if eos:
+            ids.add(self.eos_id)
+        if USER_TOKEN in self._special_id_of:
+            ids.add(self._special_id_of[USER_TOKEN])
+        return tuple(sorted(ids))
+
     # -- encode / decode --------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

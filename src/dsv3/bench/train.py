@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import device as dsv3_device
 from ..config import ModelConfig
 from ..config import preset as get_preset
 from ..model import Transformer
@@ -47,7 +48,7 @@ MAX_PARAMS = 1_000_000_000
 def resolve_device(device: str | None) -> torch.device:
     """The benchmark device (default: cuda if available), checked usable; ValueError otherwise."""
     try:
-        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        dev = dsv3_device.resolve_device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"device {device!r}: {e}") from None

@@ -17,8 +17,7 @@ def task_accuracy(model, tokenizer, task, n: int = 64, seed: int = 0, max_new_to
     ``samples`` shows the first few (prompt, completion, correct) triples.
     """
     from ..engine import LLM, SamplingParams
-    from ..post.grpo import completion_text, stop_ids
-    from ..post.tasks import parse_completion, problems
+    from ..post.tasks import completion_text, parse_completion, problems
 
     if n < 1:
         raise ValueError(f"need at least one problem, got n={n}")
@@ -26,7 +25,7 @@ def task_accuracy(model, tokenizer, task, n: int = 64, seed: int = 0, max_new_to
     prompts = [tokenizer.render_chat(p.messages(), add_generation_prompt=True, thinking=True) for p in probs]
     was_training = model.training       # the engine switches the module to eval mode
     llm = LLM(model, tokenizer, max_num_seqs=min(n, 64), max_model_len=max(map(len, prompts)) + max_new_tokens)
-    params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=stop_ids(tokenizer),
+    params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=tokenizer.stop_ids(),
                              seed=seed * 1_000_003 + i) for i in range(n)]
     try:
         outs = llm.generate(prompts, params)

@@ -84,7 +84,7 @@ def distill(teacher: str | Path, conversations: list[list[dict]], out: str | Pat
     """
     from ..engine import LLM, SamplingParams
     from ..tokenizer import Tokenizer
-    from .grpo import completion_text, stop_ids
+    from .tasks import completion_text
 
     if top_logprobs < 0 or samples_per_prompt < 1:
         raise ValueError("top_logprobs must be >= 0 and samples_per_prompt >= 1")
@@ -92,7 +92,7 @@ def distill(teacher: str | Path, conversations: list[list[dict]], out: str | Pat
     prompts = [tokenizer.render_chat(m, add_generation_prompt=True, thinking=thinking) for m in conversations]
     longest = max(map(len, prompts)) + max_new_tokens
     llm = LLM(teacher, tokenizer, device=device, max_num_seqs=max_num_seqs, max_model_len=longest, seed=seed)
-    stops = stop_ids(tokenizer)
+    stops = tokenizer.stop_ids()
     jobs, params = [], []
     for i, ids in enumerate(prompts):
         for j in range(samples_per_prompt):

@@ -79,6 +79,14 @@ def parse_completion(completion: str) -> tuple[bool, str]:
     return ok, answer
 
 
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """A completion's token ids as the reward sees them: special tokens spelled out (``</think>``
+    matters), without the final stop token (:meth:`~dsv3.tokenizer.Tokenizer.stop_ids`)."""
+    if ids and ids[-1] in tokenizer.stop_ids():
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
 class _BuiltinTask:
     """Shared reward logic: accuracy from :meth:`answer_of` plus the format reward."""
 

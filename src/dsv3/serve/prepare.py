@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..engine import SamplingParams
-from ..tokenizer import TOOL_CALLS_BEGIN, USER_TOKEN
+from ..tokenizer import TOOL_CALLS_BEGIN
 from .body import json_size_at_most
 from .grammar import BanTokens, GrammarBackend, JSONConstraint
 from .limits import Limits
@@ -131,7 +131,8 @@ class Preparer:
         # No token's text is longer than this many characters: a text with more than
         # context x this can't fit whatever it holds, and is refused before it is tokenized.
         self.max_token_chars = max(len(piece) for piece in self.tok.backend.get_vocab(with_added_tokens=True))
-        self.user_id = self.tok.token_id(USER_TOKEN)
+        # The engine stops at EOS itself (unless ignore_eos); the chat's other stop ids are added per request.
+        self.stop_ids = self.tok.stop_ids(eos=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -257,7 +258,7 @@ class Preparer:
                 return []
         # A model that starts the next user turn is done with its reply (as `dsv3 chat` does).
         params = [self.params(spec.sampling, max_tokens, spec.stop, spec.logprobs, spec.seed, i, processors(),
-                              (self.user_id,)) for i in range(spec.n)]
+                              self.stop_ids) for i in range(spec.n)]
         names = [t["function"]["name"] for t in tools] if choice != "none" else []
         parsers = [ChatOutputParser(self.tok, thinking, tool_names=names, stop=spec.stop) for _ in params]
         return ChatJob(prompt, params, parsers, thinking, choice, max_tokens)

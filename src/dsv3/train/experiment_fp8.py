@@ -14,8 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
+from ..device import resolve_device
 from .trainer import TrainConfig, train
 
 SMOOTH = 10             # moving-average window (steps) for the smoothed curves
@@ -40,7 +39,7 @@ def _records(run: Path) -> tuple[list[dict], list[dict]]:
 def run_fp8_experiment(base: TrainConfig, out: str | Path, log=print) -> dict:
     """Train both arms under ``out/<arm>`` on one shared tokenizer/dataset; write table, JSON and plot."""
     out = Path(out)
-    on_gpu = (base.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_gpu = resolve_device(base.device).type == "cuda"
     for arm, use_fp8 in (("baseline", False), ("fp8", True)):
         cfg = dataclasses.replace(base, out=str(out / arm), cache_dir=str(out / "shared"), sample_tokens=0,
                                   save_every=0, fp8=use_fp8)

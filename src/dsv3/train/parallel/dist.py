@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError
+from ...device import resolve_device
 
 
 class DistributedError(ConfigError):
@@ -98,7 +99,7 @@ def init_distributed(device: str | None = None) -> DistContext:
     """
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed")
-    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = resolve_device(device).type
     if kind not in ("cuda", "cpu"):
         raise DistributedError(f"distributed training runs on cuda or cpu, not {device!r}")
     local_rank = _env_int("LOCAL_RANK", 0)
