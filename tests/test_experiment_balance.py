@@ -85,7 +85,7 @@ def test_defaults_are_the_issue_settings(fake_train, tmp_path):
     assert {c.aux_loss_alpha for c in arms["aux_loss"]} == {1e-3}
     assert all(c.max_steps == 100 for c in fake_train.configs)
     assert all(len(cfgs) >= 2 for cfgs in arms.values())
-    assert all(c.save_every == 0 and c.sample_tokens == 0 for c in fake_train.configs)
+    assert all(c.save_every == 0 and c.sample_tokens == 0 and c.mtp_depth == 0 for c in fake_train.configs)
 
 
 def test_gamma_sweep_runs_aux_free_at_each_gamma(fake_train, tmp_path):
