@@ -22,6 +22,7 @@ from dsv3.post.demo import DemoConfig
 from dsv3.post.grpo import GRPOConfig
 from dsv3.post.sft import SFTConfig
 from dsv3.serve.limits import Limits
+from dsv3.train import experiment_balance
 from dsv3.train.trainer import TrainConfig
 
 SRC = pathlib.Path(dsv3.__file__).parent
@@ -31,14 +32,18 @@ def build_train(args):
     return train_config_from_args(args)
 
 
+# The TrainConfig fields the balance experiment's arms set themselves (its own dataclass has those flags).
+ARM_FIELDS = tuple(getattr(experiment_balance, "ARM_FIELDS", ()))
+ARMS = {name: None for name in ARM_FIELDS}
+
 # (command, dataclass, the arguments a parse needs besides the knob, build the config from the namespace,
-#  fields given another flag than their own: name -> (argv, expected value))
+#  fields given another flag than their own: name -> (argv, expected value), or None: no flag here)
 COMMANDS = [
     (["train"], TrainConfig, [], build_train,
      {"model_overrides": (["--model-set", "hidden_size=96", "--model-set", "topk_method=greedy"],
                           {"hidden_size": 96, "topk_method": "greedy"})}),
     (["experiment", "balance"], TrainConfig, [], build_train,
-     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4})}),
+     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4}), **ARMS}),
     (["experiment", "fp8"], TrainConfig, [], build_train,
      {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4})}),
     (["sft"], SFTConfig, [], lambda a: from_args(SFTConfig, a), {}),
@@ -81,6 +86,8 @@ def test_every_field_is_reachable_from_the_cli(command, cls, base, build, explic
     parser = build_parser()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in explicit and explicit[f.name] is None:
+            continue
         if f.name in explicit:
             argv, expected = explicit[f.name]
         else:
@@ -88,7 +95,7 @@ def test_every_field_is_reachable_from_the_cli(command, cls, base, build, explic
             argv = [flag_of(f), *values]
         cfg = build(parser.parse_args([*command, *base, *argv]))
         assert getattr(cfg, f.name) == expected, (f.name, argv)
-    # And no flags at all give the dataclass's own defaults (but for the experiments' shorter runs).
+    # And no flags at all give the dataclass's own defaults (but for the experiments' own run lengths).
     if command[0] != "experiment" or cls is DemoConfig:
         assert build(parser.parse_args([*command, *base])) == cls()
 
@@ -113,12 +120,20 @@ def help_blocks(capsys, monkeypatch, argv) -> dict[str, str]:
     return blocks
 
 
-@pytest.mark.parametrize("command,cls,base", [c[:3] for c in COMMANDS], ids=[" ".join(c[0]) for c in COMMANDS])
-def test_help_lists_every_field_with_its_default(capsys, monkeypatch, command, cls, base):
+HELP_CASES = [c[:3] + (c[4],) for c in COMMANDS]
+if hasattr(experiment_balance, "BalanceExperimentConfig"):
+    HELP_CASES.append((["experiment", "balance"], experiment_balance.BalanceExperimentConfig, [], {}))
+
+
+@pytest.mark.parametrize("command,cls,base,explicit", HELP_CASES, ids=[f"{' '.join(c[0])}-{c[1].__name__}"
+                                                                       for c in HELP_CASES])
+def test_help_lists_every_field_with_its_default(capsys, monkeypatch, command, cls, base, explicit):
     blocks = help_blocks(capsys, monkeypatch, command)
     # The default each flag has on this command line (the experiments shorten their runs).
     parsed = build_parser().parse_args([*command, *base])
     for f in dataclasses.fields(cls):
+        if f.name in explicit and explicit[f.name] is None:
+            continue  # the command's own dataclass offers it (its case below)
         if f.name == "model_overrides":
             assert "--model-set" in blocks
             continue

@@ -5,12 +5,12 @@ server under load). The measurement code is in ``dsv3.bench``."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..config import PRESETS
 from ..knobs import positive_int
-from .common import PROG, CLIError, add_device_arg, add_group, add_json_arg, add_member, write_json
+from .common import (PROG, CLIError, add_device_arg, add_group, add_json_arg, add_member, reported, require_dir,
+                     write_json)
 
 
 def register(subparsers) -> None:
@@ -57,13 +57,11 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from ..bench.train import bench_train, format_bench_train
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
-    try:
+    with reported(ValueError):
         result = bench_train(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                              warmup=args.warmup, threads=args.threads, seed=args.seed, mtp=args.mtp,
                              torchtitan=args.torchtitan, transformers_variants=args.transformers, device=args.device,
                              plain_ce=args.plain_ce, compile=args.compile)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
     print(format_bench_train(result))
     if args.json:
         write_json(args.json, result)
@@ -133,7 +131,7 @@ def _cmd_bench_roofline(args: argparse.Namespace) -> int:
     from ..bench.decode import bench_decode_roofline, format_bench_roofline, parse_batches
     if args.model is not None or args.speculative or args.peer:
         raise CLIError("--random-preset replaces --model and takes no --speculative or --peer")
-    try:
+    with reported(ValueError):
         batches = parse_batches(args.batch)
         if len(batches) != 1:
             raise ValueError(f"--random-preset takes one --batch size, got {args.batch}")
@@ -141,8 +139,6 @@ def _cmd_bench_roofline(args: argparse.Namespace) -> int:
                                        prompt_len=args.prompt_len, gen_len=args.gen_len, repeats=args.repeats,
                                        seed=args.seed, device=args.device, threads=args.threads,
                                        compile=args.compile, quantize=args.quantize)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
     print(format_bench_roofline(result))
     if args.json:
         write_json(args.json, result)
@@ -162,7 +158,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         if len(peers) > 1:
             raise CLIError("--peer none runs ours alone; it cannot be combined with other --peer values")
         peers = []
-    try:
+    with reported(ValueError):
         result = bench_decode(args.model, batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               threads=args.threads, seed=args.seed, speculative=args.speculative,
                               num_speculative_tokens=args.num_speculative_tokens, repeats=args.repeats,
@@ -170,8 +166,6 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
                               dtype=args.dtype or "float32", quantize=args.quantize, gguf_dir=args.gguf_dir,
                               roofline=not args.no_roofline, progress=lambda line: print(line, file=sys.stderr,
                                                                                           flush=True))
-    except ValueError as e:
-        raise CLIError(str(e)) from e
     print(format_bench_decode(result))
     if args.json:
         write_json(args.json, result)
@@ -219,8 +213,7 @@ def _add_serve(sub) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from ..bench.serve import bench_serve, format_bench_serve
 
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such model directory")
+    require_dir(args.model, "--model")
     result = bench_serve(args.model, concurrency=args.concurrency, requests=args.requests,
                          prompt_len=args.prompt_len, gen_len=args.gen_len, threads=args.threads, peer=args.peer,
                          peer_timeout=args.peer_timeout, seed=args.seed, device=args.device, dtype=args.dtype)

@@ -6,13 +6,39 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 PROG = "dsv3"
 
 
 class CLIError(Exception):
     """A user error detected by a subcommand; shown as ``dsv3: error: <message>``, exit status 2."""
+
+
+@contextmanager
+def reported(*errors: type[BaseException]) -> Iterator[None]:
+    """Within the block, ``errors`` are the user's (a bad value, a broken file): re-raised as CLIError."""
+    try:
+        yield
+    except errors as e:
+        raise CLIError(str(e)) from e
+
+
+def require_dir(path: str, flag: str, what: str = "model directory") -> None:
+    """CLIError ``FLAG PATH: no such WHAT`` unless ``path`` is a directory."""
+    if not os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: no such {what}")
+
+
+def resume_dir(args: argparse.Namespace) -> bool:
+    """Whether ``--resume DIR`` was given; if so DIR must be a run directory, and becomes ``args.out``."""
+    if args.resume is None:
+        return False
+    require_dir(args.resume, "--resume", "run directory")
+    args.out = args.resume
+    return True
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

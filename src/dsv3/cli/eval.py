@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..knobs import nonneg_float, positive_int
-from .common import CLIError, add_command, add_device_arg, write_json
+from .common import CLIError, add_command, add_device_arg, reported, require_dir, write_json
 from .post import task_names
 
 
@@ -47,8 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.model is None:
         raise CLIError("--model DIR is required")
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such model directory")
+    require_dir(args.model, "--model")
     from ..checkpoint import load_pretrained
     from ..eval.perplexity import heldout_tokens, perplexity
     from ..eval.tasks import task_accuracy
@@ -57,21 +55,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model, dtype="float32", device=args.device)
     result: dict = {"model": args.model, "seed": args.seed}
     if args.perplexity or not args.task:
-        try:
+        with reported(ValueError):
             tokens = heldout_tokens(tokenizer, args.data, max_tokens=args.max_text_tokens)
             result["perplexity"] = perplexity(model, tokens, args.seq_len, args.max_windows, seed=args.seed)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
         r = result["perplexity"]
         print(f"perplexity  {r['ppl']:.3f}  (loss {r['loss']:.4f} nats over {r['tokens']:,} tokens, "
               f"{r['windows']} of {r['total_windows']} windows of {r['seq_len']}, seed {r['seed']})")
     result["tasks"] = {}
     for spec in args.task:
-        try:
+        with reported(ValueError, TypeError):
             task = load_task(spec)
             r = task_accuracy(model, tokenizer, task, args.num, args.seed, args.max_new_tokens, args.temperature)
-        except (ValueError, TypeError) as e:
-            raise CLIError(str(e)) from None
         result["tasks"][spec] = r
         print(f"{task.name:<12} accuracy {r['accuracy']:.3f}  format {r['format_rate']:.3f}  mean reward "
               f"{r['mean_reward']:.3f}  ({r['n']} problems, seed {r['seed']}, temperature {r['temperature']:g})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, add_command, add_json_arg
+from .common import add_command, add_json_arg, reported
 
 FORMATS = ("gguf",)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # dsv3.export.gguf.OUT_TYPES, repeated to keep this import cheap
@@ -40,10 +40,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..tokenizer import TokenizerError
     from ..export.gguf import ExportError, export_gguf
-    try:
+    with reported(ExportError, CheckpointError, TokenizerError):
         summary = export_gguf(args.src, args.out, args.out_type, pre=args.pre, name=args.name)
-    except (ExportError, CheckpointError, TokenizerError) as e:
-        raise CLIError(str(e)) from e
     for note in summary["fallbacks"] + summary["notes"]:
         print(f"note: {note}")
     print(f"exported {summary['src']} -> {summary['path']} (gguf {summary['type']}, pre-tokenizer "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 from ..config import ModelConfig
 from ..knobs import positive_int
-from .common import PROG, CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs
+from .common import (PROG, CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs, reported,
+                     require_dir)
 
 
 def register(subparsers) -> None:
@@ -45,8 +45,7 @@ def _engine_inputs(args: argparse.Namespace):
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such model directory")
+    require_dir(args.model, "--model")
     config = ModelConfig.from_json_file(args.model)
     try:
         tokenizer = Tokenizer.load(args.tokenizer or args.model)
@@ -62,10 +61,8 @@ def _engine_inputs(args: argparse.Namespace):
 def _sampling_params(**fields):
     """``SamplingParams(**fields)``, an out-of-range value being a user error."""
     from ..engine import SamplingParams
-    try:
+    with reported(ValueError):
         return SamplingParams(**fields)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
 
 
 def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_len: int):
@@ -78,12 +75,10 @@ def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_
         if not engine_supports_speculative():
             raise CLIError("--speculative: this version of the engine has no speculative decoding")
         kwargs = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
-    try:
+    with reported(ValueError):
         return LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=max_num_seqs,
                    max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, **kwargs,
                    **engine_speed_kwargs(args))
-    except ValueError as e:
-        raise CLIError(str(e)) from None
 
 
 def _print_spec_stats(llm) -> None:
@@ -151,10 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _load_llm(args, tokenizer, max_num_seqs=min(len(prompts), 32),
                     max_model_len=longest + params.max_tokens + spec + 1)
     t0 = time.perf_counter()
-    try:
+    with reported(ValueError):
         outputs = llm.generate(ids, params)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
     elapsed = time.perf_counter() - t0
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         if args.json:
@@ -192,17 +185,11 @@ def add_chat_parser(subparsers) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ..tokenizer import SPECIAL_TOKENS, THINK_BEGIN, THINK_END, USER_TOKEN, split_thinking
+    from ..tokenizer import SPECIAL_TOKENS, THINK_BEGIN, THINK_END, split_thinking
 
     config, tokenizer = _engine_inputs(args)
     context = config.max_position_embeddings
-    stop_ids = {tokenizer.eos_id}
-    if config.eos_token_id is not None:
-        stop_ids.add(config.eos_token_id)
-    try:
-        stop_ids.add(tokenizer.token_id(USER_TOKEN))      # a model starting the next user turn is done
-    except KeyError:
-        pass
+    stop_ids = set(tokenizer.stop_ids(extra=(config.eos_token_id,)))  # EOS(es), the next user turn
     params = _sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               stop_token_ids=tuple(sorted(stop_ids)))
     if params.max_tokens >= context:

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..knobs import fraction, nonneg_float, positive_int
-from .common import CLIError, add_command, add_device_arg
+from .common import CLIError, add_command, add_device_arg, reported, require_dir, resume_dir
 from .fields import add_dataclass_args, from_args
 
 
@@ -43,18 +42,12 @@ def _add_sft(subparsers) -> None:
 def cmd_sft(args: argparse.Namespace) -> int:
     from ..post.chat_data import ChatDataError
     from ..post.sft import SFTConfig, SFTError, format_sft_summary, sft
-    resume = args.resume is not None
-    if resume:
-        if not os.path.isdir(args.resume):
-            raise CLIError(f"--resume {args.resume}: no such run directory")
-        args.out = args.resume
-    elif args.model is None or not args.data:
+    resume = resume_dir(args)
+    if not resume and (args.model is None or not args.data):
         raise CLIError("--model BASE and --data FILE.jsonl are required (or --resume DIR)")
     cfg = from_args(SFTConfig, args)
-    try:
+    with reported(SFTError, ChatDataError):
         summary = sft(cfg, resume=resume, max_steps=args.max_steps)
-    except (SFTError, ChatDataError) as e:
-        raise CLIError(str(e)) from None
     print(format_sft_summary(summary))
     return 0
 
@@ -78,17 +71,11 @@ def _add_grpo(subparsers) -> None:
 
 def cmd_grpo(args: argparse.Namespace) -> int:
     from ..post.grpo import GRPOConfig, GRPOError, format_grpo_summary, grpo
-    resume = args.resume is not None
-    if resume:
-        if not os.path.isdir(args.resume):
-            raise CLIError(f"--resume {args.resume}: no such run directory")
-        args.out = args.resume
-    elif args.model is None:
+    resume = resume_dir(args)
+    if not resume and args.model is None:
         raise CLIError("--model DIR is required (or --resume DIR)")
-    try:
+    with reported(GRPOError, ValueError, TypeError):
         summary = grpo(from_args(GRPOConfig, args), resume=resume, steps=args.steps)
-    except (GRPOError, ValueError, TypeError) as e:
-        raise CLIError(str(e)) from None
     print(format_grpo_summary(summary))
     return 0
 
@@ -108,13 +95,15 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--num", type=positive_int, default=256, help="problems to generate with --task")
     p.add_argument("--out", metavar="FILE", required=True, help="output chat JSONL")
     p.add_argument("--think", action="store_true", help="thinking mode: the teacher reasons in <think> first")
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="new tokens per answer (cut answers are dropped)")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="new tokens per answer (cut answers are dropped)")
     p.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
                    help="keep the teacher's top-K log-probs per token for KL distillation (0: text only)")
     p.add_argument("--samples-per-prompt", type=positive_int, default=1, help="answers per prompt")
-    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut by --max-tokens (otherwise they are dropped)")
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="keep answers cut by --max-tokens (otherwise they are dropped)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (and of --task problems)")
     add_device_arg(p, "cpu")
 
@@ -122,11 +111,10 @@ def _add_distill(subparsers) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     from ..post.distill import distill, read_conversations
     from ..post.tasks import load_task, problems
-    if not os.path.isdir(args.teacher):
-        raise CLIError(f"--teacher {args.teacher}: no such model directory")
+    require_dir(args.teacher, "--teacher")
     if args.top_logprobs < 0:
         raise CLIError(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
-    try:
+    with reported(ValueError):
         if args.prompts:
             convs = read_conversations(args.prompts)
         else:
@@ -135,8 +123,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
                     temperature=args.temperature, top_p=args.top_p, top_logprobs=args.top_logprobs,
                     samples_per_prompt=args.samples_per_prompt, seed=args.seed, device=args.device,
                     keep_truncated=args.keep_truncated)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
     print(f"distill: {s['written']} records -> {s['out']} ({s['prompts']} prompts, {s['completion_tokens']:,} "
           f"completion tokens, {s['dropped_truncated']} cut by --max-tokens dropped"
           f"{', top-%d logprobs kept' % s['top_logprobs'] if s['top_logprobs'] else ''})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..knobs import positive_int
-from .common import CLIError, add_command, add_json_arg, write_json
+from .common import add_command, add_json_arg, reported, write_json
 
 SCALE_FMTS = ("none", "ue8m0")
 
@@ -34,10 +34,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..quant.convert import convert_checkpoint
     scale_fmt = None if args.scale_fmt == "none" else args.scale_fmt
-    try:
+    with reported(CheckpointError, ValueError):
         summary = convert_checkpoint(args.src, args.dst, args.to, tuple(args.block), scale_fmt)
-    except (CheckpointError, ValueError) as e:
-        raise CLIError(str(e)) from e
     ratio = summary["bytes_out"] / max(summary["bytes_in"], 1)
     print(f"converted {summary['src']} -> {summary['dst']} (--to {args.to}): {summary['quantized']} quantized, "
           f"{summary['dequantized']} dequantized; {summary['bytes_in'] / 1e6:,.1f} MB -> "

@@ -10,7 +10,8 @@ import os
 import sys
 
 from ..knobs import positive_int
-from .common import CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs
+from .common import (CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs, reported,
+                     require_dir)
 from .fields import add_dataclass_args, from_args
 
 API_KEY_ENV = "DSV3_API_KEY"
@@ -88,15 +89,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.model):
-        raise CLIError(f"--model {args.model}: no such model directory")
+    require_dir(args.model, "--model")
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     config = ModelConfig.from_json_file(args.model)
-    try:
+    with reported(TokenizerError):
         tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    except TokenizerError as e:
-        raise CLIError(str(e)) from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                        f"{config.vocab_size}: not this model's tokenizer")
@@ -106,12 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        f"{config.max_position_embeddings}")
     spec = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens} \
         if args.speculative else {}
-    try:
+    with reported(ValueError):
         llm = LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                   num_blocks=args.num_blocks, seed=args.seed, **spec, **engine_speed_kwargs(args))
-    except ValueError as e:
-        raise CLIError(str(e)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     limits = limits_of(args)

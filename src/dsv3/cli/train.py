@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from .common import CLIError, add_command
+from .common import CLIError, add_command, reported, resume_dir
 from .fields import add_dataclass_args, from_args
 
 # TrainConfig fields set through another flag than their own.
@@ -60,16 +59,10 @@ def register(subparsers) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.trainer import TrainError, train
+    resume = resume_dir(args)  # --resume DIR becomes --out DIR
     cfg = train_config_from_args(args)
-    resume = args.resume is not None
-    if resume:
-        if not os.path.isdir(args.resume):
-            raise CLIError(f"--resume {args.resume}: no such run directory")
-        cfg.out = args.resume
-    try:
+    with reported(TrainError):
         summary = train(cfg, resume=resume, max_steps=args.max_steps)
-    except TrainError as e:
-        raise CLIError(str(e)) from e
     if summary.get("rank", 0) == 0:  # under torchrun only rank 0 prints
         print(format_train_summary(summary))
     return 0
