@@ -132,3 +132,25 @@ def engine_speed_kwargs(args: argparse.Namespace) -> dict:
     """The ``dsv3.LLM`` keyword arguments of the flags added by :func:`add_engine_speed_args`."""
     return {"keep_fp8": args.keep_fp8, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
             "quantize": args.quantize}
+
+
+def engine_inputs(args: argparse.Namespace):
+    """The config of ``--model DIR`` and the tokenizer of ``--tokenizer`` (default: the model's), after
+    ``--threads``; user errors (no such directory, no tokenizer, not this model's) as CLIError."""
+    from ..config import ModelConfig
+    from ..tokenizer import Tokenizer, TokenizerError
+
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    require_dir(args.model, "--model")
+    config = ModelConfig.from_json_file(args.model)
+    try:
+        tokenizer = Tokenizer.load(args.tokenizer or args.model)
+    except TokenizerError as e:
+        hint = "" if args.tokenizer else " (name one with --tokenizer DIR)"
+        raise CLIError(f"{e}{hint}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                       f"{config.vocab_size}: not this model's tokenizer")
+    return config, tokenizer

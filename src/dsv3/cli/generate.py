@@ -7,10 +7,9 @@ import json
 import sys
 import time
 
-from ..config import ModelConfig
 from ..knobs import positive_int
-from .common import (PROG, CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs, reported,
-                     require_dir)
+from .common import (PROG, CLIError, add_command, add_device_arg, add_engine_speed_args, engine_inputs,
+                     engine_speed_kwargs, reported)
 
 
 def register(subparsers) -> None:
@@ -36,26 +35,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "AVX512-BF16) where it measures faster than float32, else float32")
     add_engine_speed_args(p)
 
-
-
-def _engine_inputs(args: argparse.Namespace):
-    """The model's config and the tokenizer named by the flags, with user errors as CLIError."""
-    from ..tokenizer import Tokenizer, TokenizerError
-
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
-    require_dir(args.model, "--model")
-    config = ModelConfig.from_json_file(args.model)
-    try:
-        tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    except TokenizerError as e:
-        hint = "" if args.tokenizer else " (name one with --tokenizer DIR)"
-        raise CLIError(f"{e}{hint}") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                       f"{config.vocab_size}: not this model's tokenizer")
-    return config, tokenizer
 
 
 def _sampling_params(**fields):
@@ -136,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     params = _sampling_params(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_tokens=args.max_tokens, stop=tuple(args.stop))
-    config, tokenizer = _engine_inputs(args)
+    config, tokenizer = engine_inputs(args)
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]     # as LLM.encode does
     longest = max(len(x) for x in ids)
     if longest + params.max_tokens > config.max_position_embeddings:
@@ -187,7 +166,7 @@ def add_chat_parser(subparsers) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..tokenizer import SPECIAL_TOKENS, THINK_BEGIN, THINK_END, split_thinking
 
-    config, tokenizer = _engine_inputs(args)
+    config, tokenizer = engine_inputs(args)
     context = config.max_position_embeddings
     stop_ids = set(tokenizer.stop_ids(extra=(config.eos_token_id,)))  # EOS(es), the next user turn
     params = _sampling_params(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

@@ -10,8 +10,8 @@ import os
 import sys
 
 from ..knobs import positive_int
-from .common import (CLIError, add_command, add_device_arg, add_engine_speed_args, engine_speed_kwargs, reported,
-                     require_dir)
+from .common import (CLIError, add_command, add_device_arg, add_engine_speed_args, engine_inputs, engine_speed_kwargs,
+                     reported)
 from .fields import add_dataclass_args, from_args
 
 API_KEY_ENV = "DSV3_API_KEY"
@@ -79,25 +79,13 @@ def limits_of(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..config import ModelConfig
     from ..engine import LLM
     from ..serve.app import create_app
     from ..serve.transport import serve
-    from ..tokenizer import Tokenizer, TokenizerError
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    require_dir(args.model, "--model")
+    config, tokenizer = engine_inputs(args)
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
-    config = ModelConfig.from_json_file(args.model)
-    with reported(TokenizerError):
-        tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                       f"{config.vocab_size}: not this model's tokenizer")
     max_len = args.max_model_len or config.max_position_embeddings
     if max_len > config.max_position_embeddings:
         raise CLIError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "

@@ -52,8 +52,3 @@ class Limits:
             value = getattr(self, f.name)
             if not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
-
-    @staticmethod
-    def flag(name: str) -> str:
-        """The ``dsv3 serve`` flag of a field."""
-        return "--" + name.replace("_", "-")
