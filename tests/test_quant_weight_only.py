@@ -18,10 +18,11 @@ from torch import nn
 from conftest import far_from_ties_, tiny_config
 
 import dsv3
+from dsv3.model.mla import MLA
 from dsv3.model.moe import RoutedExperts, swiglu_expert
 from dsv3.quant.int_weights import (dequantize_int4, dequantize_int8, int4_linear, kernel_dtype, pack_int4,
                                     quantize_int4, quantize_int8)
-from dsv3.quant.weight_only import Int4Linear, Int8Linear, quantize_weight_only
+from dsv3.quant.weight_only import DECODE_OPTIONS, Int4Linear, Int8AbsorbedProj, Int8Linear, quantize_weight_only
 from dsv3.quant.weight_only_experts import Int4Experts, Int8Experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,6 +266,98 @@ def test_model_logits(scheme, vs_fp32):
     assert ((got - ref).norm() / ref.norm()).item() < vs_fp32
 
 
+# ------------------------------------------------------------------------------------------ kv_b_proj, head
+def _mla_and_proj(seed: int = 10):
+    torch.manual_seed(seed)
+    attn = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval().layers[1].self_attn
+    return attn, Int8AbsorbedProj(attn.kv_b_proj, attn.n_heads, attn.nope, attn.v_dim)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_absorbed_products_are_x_times_the_dequantized_per_head_weights(rows):
+    """absorb_query = q_nope @ W_UK and absorb_output = o_lat @ W_UV^T per head, with W_UK^T [r, nope]
+    and W_UV [v, r] quantized per output channel here (independently of the module's storage)."""
+    attn, proj = _mla_and_proj()
+    H, nope, v, r = attn.n_heads, attn.nope, attn.v_dim, attn.rank
+    w = attn.kv_b_proj.weight.detach().view(H, nope + v, r)
+    cd = kernel_dtype("cpu", torch.float32)
+    q = torch.randn(rows, H, nope)
+    o = torch.randn(rows, H, r)
+    got_q, got_o = proj.absorb_query(q), proj.absorb_output(o)
+    assert got_q.shape == (rows, H, r) and got_o.shape == (rows, H, v) and got_q.dtype == torch.float32
+    for h in range(H):
+        uk_t = dequantize_int8(*quantize_int8(w[h, :nope].t()))                # [r, nope]
+        uv = dequantize_int8(*quantize_int8(w[h, nope:]))                      # [v, r]
+        _matmul_close(got_q[:, h], q[:, h].to(cd).float(), uk_t)
+        _matmul_close(got_o[:, h], o[:, h].to(cd).float(), uv)
+    # the dequantized weight is within half a quantization step of kv_b_proj's
+    err = (proj.weight - attn.kv_b_proj.weight).abs().view(H, nope + v, r)
+    assert bool((err[:, :nope] <= 0.51 * proj.uk_scale.float()[:, None, :]).all())   # scale per (head, r)
+    assert bool((err[:, nope:] <= 0.51 * proj.uv_scale.float()[:, :, None]).all())   # scale per (head, v)
+    assert proj.weight.shape == attn.kv_b_proj.weight.shape
+
+
+def test_int8_absorbed_products_compile_fullgraph():
+    _, proj = _mla_and_proj(11)
+    q, o = torch.randn(1, proj.n_heads, proj.nope), torch.randn(1, proj.n_heads, proj.rank)
+
+    def step(q, o):
+        return proj.absorb_query(q).sum(-1) + proj.absorb_output(o).sum(-1)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)(q, o)
+    assert torch.allclose(compiled, step(q, o), rtol=2 * BF16_U, atol=1e-4)
+
+
+def test_decode_options_quantize_head_and_kv_b_proj():
+    torch.manual_seed(12)
+    model = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval()
+    s = quantize_weight_only(model, "int8", **DECODE_OPTIONS["int8"])
+    assert isinstance(model.lm_head, Int8Linear) and "lm_head" not in s["kept"]
+    attn = model.layers[1].self_attn
+    assert isinstance(attn.kv_b_proj, Int8AbsorbedProj) and "layers.1.self_attn.kv_b_proj" in s["linear"]
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    model.to(torch.bfloat16).float()                                  # kernel buffers keep their dtypes
+    assert attn.kv_b_proj.uk.dtype == torch.int8 and attn.kv_b_proj.uk_scale.dtype == kernel_dtype("cpu", torch.float32)
+    w_uk, w_uv = attn.absorbed_weights()                              # the model's own prompt path
+    assert w_uk.shape == (attn.n_heads, attn.nope, attn.rank) and w_uv.shape == (attn.n_heads, attn.v_dim, attn.rank)
+
+
+def _fake_quantized_all(model: nn.Module) -> nn.Module:
+    """_fake_quantized(int8) plus lm_head per output row and kv_b_proj per head in the absorbed layouts."""
+    fake = _fake_quantized(model, "int8")
+    deq = lambda w: dequantize_int8(*quantize_int8(w))
+    with torch.no_grad():
+        fake.lm_head.weight.copy_(deq(fake.lm_head.weight))
+        for m in fake.modules():
+            if isinstance(m, MLA):
+                w = m.kv_b_proj.weight.view(m.n_heads, m.nope + m.v_dim, m.rank)
+                for h in range(m.n_heads):
+                    w[h, : m.nope] = deq(w[h, : m.nope].t()).t()
+                    w[h, m.nope:] = deq(w[h, m.nope:])
+    return fake
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_model_logits_with_int8_head_and_kv_b_proj(absorb):
+    """The engine's int8 options (head and kv_b_proj too), same stated tolerances as test_model_logits:
+    vs the dequantized-fp32 model <= 2%, vs fp32 <= 3%; through the naive and the absorbed forward."""
+    torch.manual_seed(8)
+    model = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval()
+    ids = torch.randint(0, 128, (2, 24))
+
+    def logits(m):
+        with torch.no_grad():
+            out = m(ids, absorb=absorb)
+        return (out.logits if hasattr(out, "logits") else out).float()
+
+    ref, fake = logits(model), logits(_fake_quantized_all(model))
+    q = copy.deepcopy(model)
+    quantize_weight_only(q, "int8", **DECODE_OPTIONS["int8"])
+    got = logits(q)
+    assert ((got - fake).norm() / fake.norm()).item() < 0.02
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03
+
+
 # ------------------------------------------------------------------------------------------ engine / CLI
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -294,7 +387,7 @@ def test_llm_quantized_engine_decodes_as_the_quantized_model(checkpoint):
         assert isinstance(llm.model.layers[1].mlp.experts, Int8Experts if scheme == "int8" else Int4Experts)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         model = dsv3.load_pretrained(checkpoint)
-        quantize_weight_only(model, scheme)
+        quantize_weight_only(model, scheme, **DECODE_OPTIONS[scheme])     # the engine's options
         assert got == [_greedy(model, p, 10) for p in prompts], scheme
     with pytest.raises(ValueError, match="choose one"):
         LLM(checkpoint, quantize="int8", keep_fp8=True)

@@ -89,8 +89,8 @@ def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, 
 
     model = random_model(preset_name, dt, dev, seed)
     if quantize is not None:
-        from ..quant.weight_only import quantize_weight_only
-        quantize_weight_only(model, quantize)
+        from ..quant.weight_only import DECODE_OPTIONS, quantize_weight_only
+        quantize_weight_only(model, quantize, **DECODE_OPTIONS[quantize])      # as LLM(quantize=...) does
     cfg = model.config
     prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed)
     kwargs = dict(max_num_seqs=batch, max_model_len=prompt_len + gen_len + 1, prefix_caching=False,

@@ -322,8 +322,8 @@ class LLM:
 
 
 def _quantize(model: Transformer, scheme: str) -> dict:
-    from ..quant.weight_only import quantize_weight_only
-    return quantize_weight_only(model, scheme)
+    from ..quant.weight_only import DECODE_OPTIONS, quantize_weight_only
+    return quantize_weight_only(model, scheme, **DECODE_OPTIONS.get(scheme, {}))
 
 
 def _apply_processors(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:

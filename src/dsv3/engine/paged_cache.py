@@ -87,11 +87,19 @@ class PagedBatch:
         kv = self.cache.kv[mla.layer_idx]                                        # [slots, r+rope]
         r = self.cache.kv_lora_rank
         if self.block_tables is not None:
-            w_uk, w_uv = mla.absorbed_weights()                                  # [H,nope,r], [H,v,r]
-            q_lat = torch.bmm(q_nope[0].transpose(0, 1), w_uk)                   # [H,N,r]
-            q = torch.cat([q_lat.transpose(0, 1), q_pe[0]], dim=-1)              # [N,H,r+rope]
+            # A kv_b_proj stored for the absorbed products (weight-only int8: Int8AbsorbedProj)
+            # multiplies by itself; a plain one is read through MLA.absorbed_weights' views.
+            kv_b = mla.kv_b_proj
+            if hasattr(kv_b, "absorb_query"):
+                q_lat = kv_b.absorb_query(q_nope[0])                            # [N,H,r]
+            else:
+                w_uk, w_uv = mla.absorbed_weights()                              # [H,nope,r], [H,v,r]
+                q_lat = torch.bmm(q_nope[0].transpose(0, 1), w_uk).transpose(0, 1)   # [N,H,r]
+            q = torch.cat([q_lat, q_pe[0]], dim=-1)                              # [N,H,r+rope]
             o_lat = mla_decode(q, kv, self.block_tables, self.context_lens, mla.softmax_scale, r,
                                self.cache.block_size)                            # [N,H,r]
+            if hasattr(kv_b, "absorb_output"):
+                return kv_b.absorb_output(o_lat).unsqueeze(0)                    # [1,N,H,v]
             out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))        # [H,N,v]
             return out.transpose(0, 1).unsqueeze(0)
         outs = []

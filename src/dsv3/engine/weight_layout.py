@@ -7,8 +7,16 @@ step, with weights coming from memory rather than cache, MKL streams the plain l
 on the project's AVX2 CPU (cold cache, one thread, the 8192 x 256 head): 0.33 vs 0.80 ms at 1 row,
 0.55 vs 1.35 ms at 2 rows, 1.31 vs 2.02 ms at 8 rows; never slower for the prompt's large row
 counts (docs/engine-performance.md). The values are untouched: only the strides change, so
-``weight.shape``, ``state_dict()`` keys and every ``.view`` of a weight along its output rows
-(``MLA.absorbed_weights``) stay valid.
+``weight.shape``, ``state_dict()`` keys and every ``.view`` of a weight along its output rows stay
+valid.
+
+One exception stays row-major: MLA's ``kv_b_proj`` (:data:`ROW_MAJOR`). Decoding never multiplies
+by it as a Linear; the absorbed attention reads it as ``W_UK [H, nope, r]`` and ``W_UV [H, v, r]``
+views (``MLA.absorbed_weights``) in two batched products with one row per head. For a single row
+inductor does not call a GEMM for those: it writes them as loops vectorized along the latent ``r``,
+which is contiguous only in the row-major layout (column-major, each 8-wide vector load gathered
+8 values 6 KB apart: the compiled batch-1 ``small`` step was slower than the batch-8 one, 172 vs
+112 ms). Measured in docs/engine-performance.md.
 
 Applied by :class:`dsv3.LLM` to the model it loads itself on a CPU. A model handed to the engine is
 left as it is: it may be the one being trained (GRPO rollouts), whose optimizer and checkpoint
@@ -20,6 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Linear layers (by attribute name) kept row-major: read through per-head views, not called (see above).
+ROW_MAJOR = ("kv_b_proj",)
+
 
 def column_major_linears(model: nn.Module) -> int:
     """Re-store every plain ``nn.Linear`` weight of ``model`` column-major, in place; returns how many.
@@ -27,7 +38,7 @@ def column_major_linears(model: nn.Module) -> int:
     Only float32 weights: for bf16/fp16 on a CPU without native support the column-major layout is
     ~10x *slower* (the 8192 x 256 head at 8 rows: 58 vs 5 ms), so those stay as they are. Also
     skipped: weights shared with another module (a tied ``lm_head`` is the embedding table, whose
-    row gathers want row-major); FP8 layers are not ``nn.Linear``.
+    row gathers want row-major); FP8 layers are not ``nn.Linear``; the :data:`ROW_MAJOR` ones.
     """
     seen: dict[int, int] = {}
     for module in model.modules():
@@ -35,8 +46,10 @@ def column_major_linears(model: nn.Module) -> int:
             seen[id(p)] = seen.get(id(p), 0) + 1
     changed = 0
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             w = getattr(module, "weight", None)
+            if name.rpartition(".")[2] in ROW_MAJOR:
+                continue
             if type(module) is not nn.Linear or w is None or w.dim() != 2 or w.dtype != torch.float32:
                 continue
             if seen[id(w)] > 1 or w.stride() == (1, w.shape[0]):

@@ -16,10 +16,14 @@ the model's classes are untouched):
 - the ``lm_head`` only with ``head=True``: it is the largest single matrix of a small model (e.g. 25M
   of the ``small`` preset's ~95M weights a decode step reads), but its error goes straight into the
   logits (measured in docs/engine-performance.md);
+- MLA's ``kv_b_proj`` only with ``latent=True``: -> :class:`Int8AbsorbedProj` (int8 whatever the
+  scheme), stored as the absorbed decode multiplies it (``W_UK`` per head transposed, ``W_UV`` per
+  head, each per output channel of its own product); decoding never calls it as a Linear;
 
-and keeps, in the model's dtype: ``kv_b_proj`` (decoding never calls it: the absorbed attention folds
-its weight into the query and the output, ``MLA.absorbed_weights``), the embedding, norms, and the
-router (its fp32 scores choose the experts).
+and keeps, in the model's dtype: the embedding (decoding gathers one row of it per token, so it
+costs no bandwidth), norms, and the router (its fp32 scores choose the experts).
+
+:data:`DECODE_OPTIONS` are the options the engine (``LLM(quantize=...)``) uses.
 
 An int4 layer whose shape the kernel cannot take (``int_weights.check_int4_shape``) falls back to
 int8; the summary lists it.
@@ -28,16 +32,23 @@ int8; the summary lists it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .int_weights import (KernelFormatBuffers, check_int4_shape, int4_linear, int8_linear, kernel_dtype, pack_int4,
-                          quantize_int4, quantize_int8)
+from ..model.mla import MLA
+from .int_weights import (KernelFormatBuffers, check_int4_shape, dequantize_int8, int4_linear, int8_linear,
+                          kernel_dtype, pack_int4, quantize_int4, quantize_int8)
 from .weight_only_experts import Int4Experts, Int8Experts
 
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
-# Never replaced: decoding reads this Linear's weight directly (absorbed MLA), it is not called.
+# Replaced only with latent=True (by Int8AbsorbedProj): decoding reads this Linear's weight through
+# the absorbed attention's per-head views, it is not called.
 KEEP_LINEARS = ("kv_b_proj",)
+# What LLM(quantize=scheme) passes: int8 also quantizes the head and kv_b_proj (the head is ~1/4 of
+# the `small` preset's bytes per step; both measured faster and within the int8 logits tolerance,
+# docs/engine-performance.md). int4 keeps its earlier, measured defaults.
+DECODE_OPTIONS = {"int8": {"head": True, "latent": True}, "int4": {}}
 
 
 class Int8Linear(KernelFormatBuffers):
@@ -84,6 +95,70 @@ class Int4Linear(KernelFormatBuffers):
                 f"int4, group={self.group_size}")
 
 
+class Int8AbsorbedProj(KernelFormatBuffers):
+    """MLA's ``kv_b_proj`` in int8, stored in the two layouts the absorbed decode multiplies by.
+
+    ``kv_b_proj.weight [H*(nope+v), r]`` is, per head, ``W_UK [nope, r]`` then ``W_UV [v, r]``. The
+    absorbed query is ``q_nope @ W_UK`` (output: r latent channels), the output ``o_lat @ W_UV^T``
+    (output: v channels), so each is stored as torch's int8 kernel takes a Linear, ``[out, in]``
+    with one scale per output channel of *its* product:
+
+        uk [H, r, nope] int8, uk_scale [H, r]      (W_UK^T per head)
+        uv [H, v, r]    int8, uv_scale [H, v]      (W_UV per head)
+
+    :meth:`absorb_query` / :meth:`absorb_output` run one kernel call per head (heads have different
+    matrices; merging them into one GEMM would multiply by a block-diagonal matrix H times larger).
+    ``weight`` is the dequantized ``[H*(nope+v), r]`` matrix in the original dtype, so the model's
+    own forward (naive path, ``MLA.absorbed_weights`` for prompts) keeps working unchanged.
+    """
+
+    _kernel_buffers = ("uk", "uk_scale", "uv", "uv_scale")
+
+    def __init__(self, linear: nn.Linear, n_heads: int, nope: int, v_dim: int):
+        super().__init__()
+        w = linear.weight.detach()
+        if linear.bias is not None or w.shape[0] != n_heads * (nope + v_dim):
+            raise ValueError(f"kv_b_proj {tuple(w.shape)} (bias {linear.bias is not None}) is not "
+                             f"[{n_heads} heads x ({nope} + {v_dim}), r] without bias")
+        self.n_heads, self.nope, self.v_dim, self.rank = n_heads, nope, v_dim, w.shape[1]
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, w.dtype
+        cd = kernel_dtype(w.device, w.dtype)
+        per_head = w.view(n_heads, nope + v_dim, self.rank)
+        uk = [quantize_int8(per_head[h, :nope].t()) for h in range(n_heads)]           # [r, nope] each
+        uv = [quantize_int8(per_head[h, nope:]) for h in range(n_heads)]               # [v, r] each
+        self.register_buffer("uk", torch.stack([q for q, _ in uk]).contiguous())         # [H, r, nope]
+        self.register_buffer("uk_scale", torch.stack([s for _, s in uk]).to(cd))         # [H, r]
+        self.register_buffer("uv", torch.stack([q for q, _ in uv]).contiguous())         # [H, v, r]
+        self.register_buffer("uv_scale", torch.stack([s for _, s in uv]).to(cd))         # [H, v]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized ``[H*(nope+v), r]`` weight in the original dtype (what the kernels apply)."""
+        uk = dequantize_int8(self.uk, self.uk_scale).transpose(1, 2)                  # [H, nope, r]
+        uv = dequantize_int8(self.uv, self.uv_scale)                                  # [H, v, r]
+        return torch.cat([uk, uv], dim=1).reshape(self.out_features, self.rank).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., r] -> [..., H*(nope+v)]
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``q_nope [N, H, nope] -> q_nope @ W_UK  [N, H, r]`` (q's dtype)."""
+        a = q_nope.to(self.uk_scale.dtype)
+        out = [torch.ops.aten._weight_int8pack_mm(a[:, h].contiguous(), self.uk[h], self.uk_scale[h])
+               for h in range(self.n_heads)]                                          # H x [N, r]
+        return torch.stack(out, dim=1).to(q_nope.dtype)
+
+    def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """``o_lat [N, H, r] -> o_lat @ W_UV^T  [N, H, v]`` (o's dtype)."""
+        a = o_lat.to(self.uv_scale.dtype)
+        out = [torch.ops.aten._weight_int8pack_mm(a[:, h].contiguous(), self.uv[h], self.uv_scale[h])
+               for h in range(self.n_heads)]                                          # H x [N, v]
+        return torch.stack(out, dim=1).to(o_lat.dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, nope={self.nope}, v={self.v_dim}, rank={self.rank}, int8 (absorbed layouts)"
+
+
 def _is_stacked_experts(module: nn.Module) -> bool:
     """An experts module holding stacked ``gate_proj``/``up_proj`` [E, I, D] and ``down_proj`` [E, D, I]
     (``RoutedExperts`` and the implementations that take over its Parameters)."""
@@ -101,10 +176,11 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
-                         head: bool = False) -> dict:
+                         head: bool = False, latent: bool = False) -> dict:
     """Replace ``model``'s linear layers and routed experts by ``scheme`` (``int8`` | ``int4``) ones, in place.
 
     group_size: int4's input channels per scale (32, 64, 128 or 256). head: also quantize ``lm_head``.
+    latent: also MLA's ``kv_b_proj``, as :class:`Int8AbsorbedProj` (int8 for either scheme).
     The model must be on the CPU (the kernels are torch's CPU ones) and is meant for inference only
     (the new layers hold buffers, not Parameters). Returns a summary: the scheme, the replaced module
     names by kind, int4 layers that fell back to int8 (with the reason) and the weight bytes before
@@ -121,13 +197,17 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
         raise ValueError(f"weight-only {scheme} runs torch's CPU kernels; the model is on {params[0].device}")
     before = _weight_bytes(model)
     summary: dict = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "head": head,
-                     "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
+                     "latent": latent, "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if not name:
                 continue
             parent_name, _, child = name.rpartition(".")
-            if type(module) is nn.Linear:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if type(module) is nn.Linear and child == "kv_b_proj" and latent and isinstance(parent, MLA):
+                new, why = Int8AbsorbedProj(module, parent.n_heads, parent.nope, parent.v_dim), None
+                summary["linear"].append(name)
+            elif type(module) is nn.Linear:
                 if child in KEEP_LINEARS or (name == "lm_head" and not head):
                     summary["kept"].append(name)
                     continue
@@ -140,7 +220,7 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
                 continue
             if why:
                 summary["int8_fallback"][name] = why
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            setattr(parent, child, new)
     summary["bytes_before"], summary["bytes_after"] = before, _weight_bytes(model)
     return summary
 
