@@ -308,10 +308,11 @@ def test_int8_absorbed_products_compile_fullgraph():
     assert torch.allclose(compiled, step(q, o), rtol=2 * BF16_U, atol=1e-4)
 
 
-def test_decode_options_quantize_head_and_kv_b_proj():
+def test_int8_head_and_kv_b_proj_replacement():
     torch.manual_seed(12)
     model = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval()
-    s = quantize_weight_only(model, "int8", **DECODE_OPTIONS["int8"])
+    assert DECODE_OPTIONS["int8"]["head"]                             # the engine's int8 quantizes the head
+    s = quantize_weight_only(model, "int8", head=True, latent=True)
     assert isinstance(model.lm_head, Int8Linear) and "lm_head" not in s["kept"]
     attn = model.layers[1].self_attn
     assert isinstance(attn.kv_b_proj, Int8AbsorbedProj) and "layers.1.self_attn.kv_b_proj" in s["linear"]
@@ -339,7 +340,7 @@ def _fake_quantized_all(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("absorb", [False, True])
 def test_model_logits_with_int8_head_and_kv_b_proj(absorb):
-    """The engine's int8 options (head and kv_b_proj too), same stated tolerances as test_model_logits:
+    """int8 with the head and kv_b_proj too, same stated tolerances as test_model_logits:
     vs the dequantized-fp32 model <= 2%, vs fp32 <= 3%; through the naive and the absorbed forward."""
     torch.manual_seed(8)
     model = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval()
@@ -352,7 +353,7 @@ def test_model_logits_with_int8_head_and_kv_b_proj(absorb):
 
     ref, fake = logits(model), logits(_fake_quantized_all(model))
     q = copy.deepcopy(model)
-    quantize_weight_only(q, "int8", **DECODE_OPTIONS["int8"])
+    quantize_weight_only(q, "int8", head=True, latent=True)
     got = logits(q)
     assert ((got - fake).norm() / fake.norm()).item() < 0.02
     assert ((got - ref).norm() / ref.norm()).item() < 0.03

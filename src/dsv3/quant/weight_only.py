@@ -45,10 +45,13 @@ DEFAULT_GROUP_SIZE = 32
 # Replaced only with latent=True (by Int8AbsorbedProj): decoding reads this Linear's weight through
 # the absorbed attention's per-head views, it is not called.
 KEEP_LINEARS = ("kv_b_proj",)
-# What LLM(quantize=scheme) passes: int8 also quantizes the head and kv_b_proj (the head is ~1/4 of
-# the `small` preset's bytes per step; both measured faster and within the int8 logits tolerance,
-# docs/engine-performance.md). int4 keeps its earlier, measured defaults.
-DECODE_OPTIONS = {"int8": {"head": True, "latent": True}, "int4": {}}
+# What LLM(quantize=scheme) passes. int8 also quantizes the head: 1/4 of the `small` preset's bytes
+# per step; within the int8 logits tolerance; its kernel call 2x the fp32 GEMM at 8 rows, par at 1
+# (docs/engine-performance.md). Not kv_b_proj (latent): on the AVX2 machine its 2 x H small int8
+# kernel calls per layer measured no faster than the fp32 absorbed products, and its bf16-rounded
+# activations make the engine's greedy tokens part from the model's own forward (which multiplies
+# by the dequantized weight). int4 keeps its earlier, measured defaults.
+DECODE_OPTIONS = {"int8": {"head": True}, "int4": {}}
 
 
 class Int8Linear(KernelFormatBuffers):
