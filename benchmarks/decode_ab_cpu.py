@@ -16,6 +16,7 @@ Variants:
   new      kv_b_proj row-major (engine/weight_layout.py ROW_MAJOR); int8 with DECODE_OPTIONS
   nohead   as new, int8 without the int8 head
   nolatent as new, int8 without the int8 kv_b_proj (kept fp32, row-major)
+A ``:SCHEME`` suffix quantizes that variant (``new,new:int8`` compares fp32 with int8 in one process).
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def main() -> None:
     names = a.variants.split(",")
     llms = {}
     for n in names:
-        with variant(n):
-            llms[n] = LLM(a.model, compile=not a.eager, quantize=a.quantize, max_num_seqs=a.batch,
+        base_name, _, scheme = n.partition(":")            # "new:int8": variant new, quantized int8
+        with variant(base_name):
+            llms[n] = LLM(a.model, compile=not a.eager, quantize=scheme or a.quantize, max_num_seqs=a.batch,
                           max_model_len=a.prompt_len + a.steps + 8, prefix_caching=False)
     prompts = random_prompts(a.batch, a.prompt_len, llms[names[0]].config.vocab_size, 0)
     tokens = {}
