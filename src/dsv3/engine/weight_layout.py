@@ -12,11 +12,11 @@ valid.
 
 One exception stays row-major: MLA's ``kv_b_proj`` (:data:`ROW_MAJOR`). Decoding never multiplies
 by it as a Linear; the absorbed attention reads it as ``W_UK [H, nope, r]`` and ``W_UV [H, v, r]``
-views (``MLA.absorbed_weights``) in two batched products with one row per head. For a single row
-inductor does not call a GEMM for those: it writes them as loops vectorized along the latent ``r``,
-which is contiguous only in the row-major layout (column-major, each 8-wide vector load gathered
-8 values 6 KB apart: the compiled batch-1 ``small`` step was slower than the batch-8 one, 172 vs
-112 ms). Measured in docs/engine-performance.md.
+views (``MLA.absorbed_weights``) in two batched products with one row per head, whose per-head
+matrices are plain (or plainly transposed) in the row-major layout. ``small`` preset, batch 1, one
+thread: the eager step 1.10x faster row-major (MKL's ``bmm``); compiled (inductor writes one-row
+batched products as loops vectorized along the latent ``r``) the two products alone 1.34-1.43x,
+the whole step par within noise. Measured in docs/engine-performance.md.
 
 Applied by :class:`dsv3.LLM` to the model it loads itself on a CPU. A model handed to the engine is
 left as it is: it may be the one being trained (GRPO rollouts), whose optimizer and checkpoint
