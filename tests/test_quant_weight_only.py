@@ -480,3 +480,36 @@ def test_bench_decode_random_preset_quantized():
     assert x["cpu_step_ms_median"] > 0 and "weight-only int8" in format_bench_roofline(r)
     with pytest.raises(ValueError, match="quantize"):
         bench_decode_roofline("tiny", quantize="int2")
+
+
+def test_paged_decode_attention_uses_the_int8_absorbed_products():
+    """The engine's row attention (PagedBatch.attend) with an Int8AbsorbedProj kv_b_proj equals the same
+    attention with a plain kv_b_proj holding the dequantized weight, up to the kernels' bf16 rounding."""
+    from dsv3.engine.paged_cache import PagedBatch, PagedLatentCache
+    attn, proj = _mla_and_proj(13)
+    cfg = dsv3.Transformer(tiny_config(**INT4_DIMS)).config
+    plain = copy.deepcopy(attn)
+    with torch.no_grad():
+        plain.kv_b_proj.weight.copy_(proj.weight)
+    quant = copy.deepcopy(attn)
+    quant.kv_b_proj = proj
+    calls = []                                 # the products must run through the int8 kernels
+    for name in ("absorb_query", "absorb_output"):
+        fn = getattr(proj, name)
+        setattr(proj, name, lambda t, fn=fn, name=name: calls.append(name) or fn(t))
+    H, N, r = attn.n_heads, 3, attn.rank
+    g = torch.Generator().manual_seed(14)
+    q_nope, q_pe = torch.randn(1, N, H, attn.nope, generator=g), torch.randn(1, N, H, attn.rope, generator=g)
+    c_kv, k_pe = torch.randn(1, N, r, generator=g), torch.randn(1, N, attn.rope, generator=g)
+    outs = []
+    for mla in (plain, quant):
+        cache = PagedLatentCache(cfg, num_blocks=4, block_size=4, num_layers=cfg.num_hidden_layers,
+                                 dtype=torch.float32, device=torch.device("cpu"))
+        cache.kv[mla.layer_idx, :16] = torch.randn(16, cache.kv.shape[-1], generator=torch.Generator().manual_seed(15))
+        batch = PagedBatch(cache, torch.tensor([5, 6, 9]), block_tables=torch.tensor([[0, 1, 2]] * N),
+                           context_lens=torch.tensor([6, 7, 10]))
+        outs.append(batch.attend(mla, q_nope, q_pe, c_kv, k_pe, 0, True))           # [1, N, H, v]
+    ref, got = outs
+    assert calls == ["absorb_query", "absorb_output"]
+    assert got.shape == ref.shape == (1, N, H, attn.v_dim)
+    assert ((got - ref).norm() / ref.norm()).item() < 4 * BF16_U
