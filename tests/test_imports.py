@@ -18,15 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 # Private names still imported across modules, each with the module that imports it. Every entry
 # must still occur (the test fails on a stale one, so the list only shrinks); don't add to it.
-# All four importers belong to the training-loop work of issue 15 (one loop for train/SFT/GRPO),
-# which replaces these helpers.
-KNOWN_PRIVATE_IMPORTS = {
-    ("dsv3.post.chat_data", "dsv3.data._epoch_permutation"),
-    ("dsv3.post.grpo", "dsv3.train.trainer._autocast"),
-    ("dsv3.post.grpo", "dsv3.train.plots._save"),
-    ("dsv3.post.sft", "dsv3.train.trainer._autocast"),
-    ("dsv3.post.sft", "dsv3.train.trainer._progress"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 @dataclass

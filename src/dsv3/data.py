@@ -791,7 +791,7 @@ def _require_windows(dataset: TokenDataset, split: str, seq_len: int) -> int:
     return windows
 
 
-def _epoch_permutation(num_windows: int, seed: int) -> np.ndarray:
+def epoch_permutation(num_windows: int, seed: int) -> np.ndarray:
     """A random permutation of ``range(num_windows)`` defined by our own arithmetic: sort the
     windows by a splitmix64 hash of (key, index). numpy's ``Generator`` promises no stream stability
     across versions; this does, so a saved position resumes the same order anywhere."""
@@ -848,7 +848,7 @@ class PackedBatches:
     def _permutation(self) -> np.ndarray:
         key = (self.seed, self.epoch)
         if self._perm_key != key:
-            self._perm = _epoch_permutation(self.num_windows, self.seed + self.epoch)
+            self._perm = epoch_permutation(self.num_windows, self.seed + self.epoch)
             self._perm_key = key
         return self._perm
 

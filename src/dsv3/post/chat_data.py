@@ -232,20 +232,26 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> PackedChat:
 class RowBatches:
     """An endless stream of row batches: each epoch a fresh seeded permutation of the rows.
 
+    ``batch_size`` is the global batch; with ``world_size`` ranks each takes its ``rank``-th slice of
+    it (every rank advances the same shared position), so a run means the same at any world size.
     :meth:`state_dict` / :meth:`load_state_dict` resume the exact stream (pure function of seed,
     epoch and position, like the pre-training batches)."""
 
-    def __init__(self, packed: PackedChat, batch_size: int, seed: int = 0):
+    def __init__(self, packed: PackedChat, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ChatDataError(f"batch_size must be positive, got {batch_size}")
+        if batch_size % world_size:
+            raise ChatDataError(f"--batch-size {batch_size} is the global batch; it must be divisible by the "
+                                f"number of ranks ({world_size})")
         if len(packed) == 0:
             raise ChatDataError("no packed rows to train on")
         self.packed, self.batch_size, self.seed = packed, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
 
     def _perm(self) -> np.ndarray:
-        from ..data import _epoch_permutation  # the same stable permutation as pre-training
-        return _epoch_permutation(len(self.packed), self.seed + self.epoch)
+        from ..data import epoch_permutation  # the same stable permutation as pre-training
+        return epoch_permutation(len(self.packed), self.seed + self.epoch)
 
     def __iter__(self) -> RowBatches:
         return self
@@ -260,7 +266,8 @@ class RowBatches:
             need -= take
             if self.position == len(self.packed):
                 self.epoch, self.position = self.epoch + 1, 0
-        return self.packed.rows(chosen)
+        local = self.batch_size // self.world_size
+        return self.packed.rows(chosen[self.rank * local:(self.rank + 1) * local])
 
     @property
     def epoch_progress(self) -> float:

@@ -26,9 +26,6 @@ training forward (naive MLA), not taken from the engine.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -37,10 +34,8 @@ from pathlib import Path
 import torch
 
 from ..knobs import fraction, knob, nonneg_float, positive_float, positive_int
+from ..train.loop import Run, autocast, optimizer_update, runner_from_env
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
-                           save_training_checkpoint)
-from ..train.trainer import MetricsLog, _autocast
 from .tasks import BUILTIN_TASKS
 
 
@@ -79,6 +74,7 @@ class GRPOConfig:
     eval_every: int = knob(25, "greedy accuracy every N steps (0: start/end)")
     eval_problems: int = knob(64, "problems in the greedy eval (0: none)")
     keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep", type=positive_int)
+    max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
     progress: bool = knob(True, "no live progress bar")
     device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
@@ -186,57 +182,42 @@ def _step_problems(task, cfg: GRPOConfig, step: int):
 def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=print) -> dict:
     """Run (or resume) GRPO; returns the summary (also ``OUT/summary.json``)."""
     from ..checkpoint import load_pretrained
-    from ..device import resolve_device
     from ..eval.tasks import task_accuracy
     from ..tokenizer import Tokenizer
     from .tasks import completion_text, load_task, parse_completion
 
-    out_dir = cfg.out_dir
-    cfg, ckpt = open_run(cfg, out_dir, resume, "grpo_config", "steps", steps, GRPOError, log, "GRPO run")
+    # one process: rollouts run the engine on the whole policy
+    runner = runner_from_env(cfg.device, distributed=False)
+    run = Run.open(cfg, runner, resume=resume, steps=steps, state_key="grpo_config", step_field="steps",
+                   error=GRPOError, log=log, what="GRPO run")
+    cfg, ckpt, out_dir = run.cfg, run.ckpt, run.out_dir
     if cfg.group_size < 2:
         raise GRPOError(f"group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
     if not (Path(cfg.model) / "config.json").is_file():
         raise GRPOError(f"--model {cfg.model}: no config.json there (run `dsv3 sft` first)")
     task = load_task(cfg.task, cfg.prompts)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = runner.device
     tokenizer = Tokenizer.load(cfg.model)
     policy = load_pretrained(ckpt or cfg.model, dtype=torch.float32, device=device)
     reference = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval().requires_grad_(False)
     optimizer = build_optimizer(policy, cfg.lr, cfg.weight_decay)
-    total_updates = cfg.steps * cfg.inner_steps
-    schedule = Schedule(cfg.lr, total_updates, cfg.warmup_steps, decay_start=1.0, min_lr_ratio=1.0)  # constant
-    start = 0
-    if ckpt is not None:
-        start = load_training_state(ckpt, optimizer)["step"]
-        log(f"resumed from {ckpt} at step {start}")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
+    schedule = Schedule(cfg.lr, cfg.steps * cfg.inner_steps, cfg.warmup_steps, decay_start=1.0,
+                        min_lr_ratio=1.0)  # constant after warmup
+    start = run.restore(policy, optimizer, tokenizer, reference_model=cfg.model)
+    policy.train()
 
-    def evaluate(step: int) -> dict:
+    def evaluate() -> dict:
         acc = task_accuracy(policy, tokenizer, task, cfg.eval_problems, seed=cfg.seed + 10_000,
                             max_new_tokens=cfg.max_new_tokens)
-        rec = {"kind": "eval", "step": step, **{k: v for k, v in acc.items() if k != "samples"}}
-        metrics.write(rec)
-        return rec
+        return {k: v for k, v in acc.items() if k != "samples"}
 
-    def save(name: str, step: int) -> Path:
-        st = {"step": step, "grpo_config": dataclasses.asdict(cfg), "reference_model": cfg.model}
-        return save_training_checkpoint(out_dir, name, policy, tokenizer, optimizer, st)
-
-    first_eval = evaluate(start) if cfg.eval_problems and ckpt is None else {}
-    last_eval = first_eval
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
-    t_run = time.perf_counter()
-    policy.train()
-    for step in range(start, cfg.steps):
+    def step(i: int) -> tuple[dict, bool]:
         t0 = time.perf_counter()
-        probs = _step_problems(task, cfg, step)
+        probs = _step_problems(task, cfg, i)
         prompt_ids = [tokenizer.render_chat(p.messages(), add_generation_prompt=True, thinking=True) for p in probs]
         groups = rollout(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                         cfg.top_p, seed=cfg.seed * 100_003 + step)
+                         cfg.top_p, seed=cfg.seed * 100_003 + i)
         t_sample = time.perf_counter() - t0
         texts = [[completion_text(tokenizer, c) for c in g] for g in groups]
         rewards = torch.tensor([[task.reward(p.prompt, t) for t in ts] for p, ts in zip(probs, texts)])
@@ -246,78 +227,65 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         flat_comps = [c for g in groups for c in g]
         tokens, mask = _pad_batch(flat_prompts, flat_comps, tokenizer.pad_id)
         tokens, mask, adv = tokens.to(device), mask.to(device), adv.to(device)
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device):
             old_logp = sequence_logprobs(policy, tokens, cfg.micro_batch).float()
             ref_logp = sequence_logprobs(reference, tokens, cfg.micro_batch).float()
-        stats: dict = {}
-        for inner in range(cfg.inner_steps):
-            lr = schedule(step * cfg.inner_steps + inner)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+        N = tokens.shape[0]
+
+        def micro_batches():
             # One optimizer step over the whole group batch, accumulated in micro-batches; each
             # micro-batch's loss is weighted by its share of completions (the loss is a mean over them).
-            loss_total, agg = 0.0, {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-            N = tokens.shape[0]
-            for i in range(0, N, cfg.micro_batch):
-                sl = slice(i, i + cfg.micro_batch)
-                with _autocast(device):
+            for j in range(0, N, cfg.micro_batch):
+                sl = slice(j, j + cfg.micro_batch)
+                with autocast(device):
                     logp = sequence_logprobs(policy, tokens[sl]).float()
                 loss, st = grpo_objective(logp, old_logp[sl], ref_logp[sl], adv[sl], mask[sl], cfg.clip_eps,
                                           cfg.kl_beta)
                 share = tokens[sl].shape[0] / N
-                (loss * share).backward()
-                loss_total += float(loss.detach()) * share
-                for k in agg:
-                    agg[k] += st[k] * share
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
-            if math.isfinite(grad_norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats = {"loss": loss_total, **agg, "grad_norm": grad_norm, "lr": lr}
+                yield loss * share, {"loss": float(loss.detach()) * share, **{k: v * share for k, v in st.items()}}
+
+        finite = True
+        for inner in range(cfg.inner_steps):
+            stats, ok = optimizer_update(runner, policy, optimizer, schedule(i * cfg.inner_steps + inner),
+                                         micro_batches(), cfg.grad_clip, sums=dict.fromkeys(GRPO_STATS, 0.0))
+            finite = finite and ok
         lengths = [len(c) for c in flat_comps]
-        rec = {"step": step + 1, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        rec = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                "accuracy": sum(map(sum, correct)) / rewards.numel(),
                "format_rate": sum(parse_completion(t)[0] for ts in texts for t in ts) / rewards.numel(),
                "completion_len": sum(lengths) / len(lengths), **stats,
                "sample_s": t_sample, "step_s": time.perf_counter() - t0}
-        metrics.write(rec)
-        done = step + 1
-        if cfg.eval_problems and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            last_eval = evaluate(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-            save(f"checkpoint-{done}", done)
-            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-                remove_checkpoint(old)
-        if bar is not None:
-            bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.2f}",
-                             "kl": f"{rec['kl']:.4f}"}, refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    final_step = max(start, cfg.steps)
-    if cfg.eval_problems and last_eval.get("step") != final_step:
-        last_eval = evaluate(final_step)
-    final = save("final", final_step)
-    plots = plot_grpo(out_dir / "metrics.jsonl", out_dir / "plots")
-    recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    train_recs = [r for r in recs if "kind" not in r]
-    evals = [r for r in recs if r.get("kind") == "eval"]
-    summary = {
-        "out": str(out_dir), "final": str(final), "model": cfg.model, "task": cfg.task, "steps": final_step,
-        "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
-        "reward_first": train_recs[0]["reward_mean"] if train_recs else None,
-        "reward_last": train_recs[-1]["reward_mean"] if train_recs else None,
-        "eval_accuracy_start": evals[0].get("accuracy") if evals else None,
-        "eval_accuracy_end": evals[-1].get("accuracy") if evals else None,
-        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        return rec, finite
+
+    final, _ = run.loop(cfg.steps, step, evaluate if cfg.eval_problems else None, eval_at_start=True, desc="grpo",
+                        postfix=_grpo_postfix)
+
+    def summarize() -> dict:
+        plots = plot_grpo(out_dir / "metrics.jsonl", out_dir / "plots")
+        train_recs, evals = run.metrics.records()
+        return {
+            "out": str(out_dir), "final": str(final), "model": cfg.model, "task": cfg.task,
+            "steps": max(start, cfg.steps), "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
+            "reward_first": train_recs[0]["reward_mean"] if train_recs else None,
+            "reward_last": train_recs[-1]["reward_mean"] if train_recs else None,
+            "eval_accuracy_start": evals[0].get("accuracy") if evals else None,
+            "eval_accuracy_end": evals[-1].get("accuracy") if evals else None,
+            "plots": [str(p) for p in plots],
+        }
+
+    return run.finish(summarize)
+
+
+GRPO_STATS = ("loss", "kl", "clip_frac", "ratio_mean")
+
+
+def _grpo_postfix(rec: dict, last_eval: dict) -> dict:
+    return {"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.2f}", "kl": f"{rec['kl']:.4f}"}
 
 
 def plot_grpo(metrics_file: Path, out_dir: Path) -> list[Path]:
     """``reward.png``: mean reward and sample accuracy per step, greedy eval accuracy; ``kl.png``."""
-    from ..train.plots import _save, plt, read_metrics
+    from ..train.plots import plt, read_metrics, save_figure  # matplotlib only when plotting
     train, evals = read_metrics(metrics_file)
     if not train:
         return []
@@ -330,12 +298,12 @@ def plot_grpo(metrics_file: Path, out_dir: Path) -> list[Path]:
     if evals:
         ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="accuracy (greedy eval)")
     ax.set_xlabel("step"), ax.legend(), ax.grid(alpha=0.3), ax.set_title("GRPO reward")
-    paths = [_save(fig, out_dir / "reward.png")]
+    paths = [save_figure(fig, out_dir / "reward.png")]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["kl"] for r in train], lw=1, label="KL to reference (k3)")
     ax.plot(steps, [r["clip_frac"] for r in train], lw=1, label="clipped fraction")
     ax.set_xlabel("step"), ax.legend(), ax.grid(alpha=0.3), ax.set_title("GRPO regularization")
-    paths.append(_save(fig, out_dir / "kl.png"))
+    paths.append(save_figure(fig, out_dir / "kl.png"))
     return paths
 
 

@@ -17,7 +17,6 @@ bit for bit on CPU. ``final/`` is what ``dsv3 chat --model`` and ``dsv3 serve --
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -26,13 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device
 from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..train import balance
+from ..train.loop import Run, autocast, optimizer_update, runner_from_env
 from ..train.optim import Schedule, build_optimizer
-from ..train.state import (list_checkpoints, load_training_state, open_run, remove_checkpoint,
-                           save_training_checkpoint)
-from ..train.trainer import MetricsLog, _autocast, _progress, finish_update
 
 
 class SFTError(RuntimeError):
@@ -102,8 +98,25 @@ def topk_kl(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: t
     return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
 
 
-def sft_losses(model, batch: dict[str, torch.Tensor], cfg: SFTConfig) -> dict[str, torch.Tensor]:
-    """One packed batch -> scalar losses (``loss`` is backpropagated) and token counts."""
+def token_counts(batch: dict[str, torch.Tensor], mtp_depth: int) -> torch.Tensor:
+    """The token counts :func:`sft_losses` averages over: [assistant targets, MTP depth 1..D targets,
+    distillation targets] -> [D + 2]."""
+    mask = batch["targets_mask"]
+    return torch.stack([mask.sum()] + [mask[:, k:].sum() for k in range(1, mtp_depth + 1)]
+                       + [(batch["teacher_valid"] & mask).sum()])
+
+
+def sft_losses(model, batch: dict[str, torch.Tensor], cfg: SFTConfig,
+               shares: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """One packed batch -> scalar losses (``loss`` is backpropagated) and token counts.
+
+    ``shares`` (data parallel; in :func:`token_counts` order): this rank's share of each global token
+    count times the number of ranks, so that the ranks' mean of each term is its mean over the
+    global batch's tokens, as in one process.
+    """
+    def scaled(value: torch.Tensor, i: int) -> torch.Tensor:
+        return value if shares is None else value * shares[i]
+
     tokens, mask = batch["tokens"], batch["targets_mask"]
     x, y = tokens[:, :-1], tokens[:, 1:]                               # [B, S]
     B = x.shape[0]
@@ -112,20 +125,20 @@ def sft_losses(model, batch: dict[str, torch.Tensor], cfg: SFTConfig) -> dict[st
     logits = out.logits if want_mtp else model(x)                      # [B, S, V]
     V = logits.shape[-1]
     ce = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").view_as(y)
-    lm = masked_mean(ce, mask)
+    lm = scaled(masked_mean(ce, mask), 0)
     losses = {"lm_loss": lm, "target_tokens": mask.sum()}
     total = lm
     if want_mtp and out.mtp_logits:
         # depth k at input position i predicts target i+k (y[:, k:]); only assistant targets count
         mtp = torch.stack([
-            masked_mean(F.cross_entropy(lg.reshape(-1, V), y[:, k:].reshape(-1), reduction="none")
-                        .view_as(y[:, k:]), mask[:, k:])
+            scaled(masked_mean(F.cross_entropy(lg.reshape(-1, V), y[:, k:].reshape(-1), reduction="none")
+                               .view_as(y[:, k:]), mask[:, k:]), k)
             for k, lg in enumerate(out.mtp_logits, start=1)])
         losses["mtp_loss"] = mtp.mean()
         total = total + cfg.mtp_weight * mtp.mean()
     valid = batch["teacher_valid"] & mask
     if cfg.distill_weight and bool(valid.any()):
-        kl = masked_mean(topk_kl(logits, batch["teacher_ids"], batch["teacher_logprobs"]), valid)
+        kl = scaled(masked_mean(topk_kl(logits, batch["teacher_ids"], batch["teacher_logprobs"]), valid), -1)
         losses["distill_kl"] = kl
         total = total + cfg.distill_weight * kl
     bal = torch.zeros((), device=x.device)
@@ -149,7 +162,7 @@ def evaluate_sft(model, packed, cfg: SFTConfig, device: torch.device) -> dict:
         batch = {k: v.to(device) for k, v in packed.rows(list(range(start, min(start + cfg.batch_size,
                                                                                  len(packed))))).items()}
         x, y, m = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["targets_mask"]
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
         loss_sum += float((ce * m).sum())
@@ -186,18 +199,23 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     """Run (or resume) SFT; returns the end-of-run summary (also written to ``OUT/summary.json``).
 
     With ``resume`` the run in ``cfg.out`` continues from its last complete checkpoint with its own
-    saved settings; ``max_steps`` (if given) extends it.
+    saved settings; ``max_steps`` (if given) extends it. Under torchrun the model is sharded with
+    FSDP2 like pre-training's; ``--batch-size`` is the global batch of packed rows and every loss
+    term is its mean over the global batch's tokens, so the run means the same at any world size.
     """
     from ..checkpoint import load_pretrained
     from ..tokenizer import Tokenizer, TokenizerError
+    from .chat_data import RowBatches
 
-    out_dir = cfg.out_dir
-    cfg, ckpt = open_run(cfg, out_dir, resume, "sft_config", "max_steps", max_steps, SFTError, log, "SFT run")
+    runner = runner_from_env(cfg.device)
+    run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="sft_config", error=SFTError, log=log,
+                   what="SFT run")
+    cfg, ckpt, log, out_dir = run.cfg, run.ckpt, run.log, run.out_dir
     base = Path(cfg.model)
     if not (base / "config.json").is_file():
         raise SFTError(f"--model {base}: no config.json there (train a base first: `make demo` or `dsv3 train`)")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = runner.device
     try:
         tokenizer = Tokenizer.load(ckpt or base)
     except TokenizerError as e:
@@ -210,83 +228,52 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
         log(f"note: {train_rows.num_truncated} conversation(s) longer than {seq_len + 1} tokens were cut")
     if cfg.max_steps is None:
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)))
-    from .chat_data import RowBatches
-    batches = RowBatches(train_rows, cfg.batch_size, cfg.seed)
+    batches = RowBatches(train_rows, cfg.batch_size, cfg.seed, rank=runner.rank, world_size=runner.world_size)
+    runner.parallelize(model, log)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
-    start = 0
-    if ckpt is not None:
-        state = load_training_state(ckpt, optimizer)
-        start = state["step"]
-        batches.load_state_dict(state["data"])
-        log(f"resumed from {ckpt} at step {start}")
+    run.cfg = cfg  # with its step budget: what checkpoints save
+    start = run.restore(model, optimizer, tokenizer, batches, base_model=str(base))
     model.train()
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None)
     routers = balance.routers(model)
-    main_names = [n for n, _ in routers if n.startswith("layers.")]
+    distill = bool(cfg.distill_weight) and bool(train_rows.teacher_valid.any())
+    mtp_depth = len(model.mtp) if cfg.mtp_weight > 0 else 0
 
-    def save(name: str, step: int) -> Path:
-        st = {"step": step, "data": batches.state_dict(), "sft_config": dataclasses.asdict(cfg),
-              "base_model": str(base)}
-        return save_training_checkpoint(out_dir, name, model, tokenizer, optimizer, st)
-
-    progress = _progress(cfg, start, desc="sft", postfix=_sft_postfix)
-    nonfinite, last_eval = 0, {}
-    t_run = time.perf_counter()
-    for step in range(start, cfg.max_steps):
+    def step(i: int) -> tuple[dict, bool]:
         t0 = time.perf_counter()
-        lr = schedule(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
         batch = {k: v.to(device) for k, v in next(batches).items()}
-        with _autocast(device):
-            losses = sft_losses(model, batch, cfg)
-        losses["loss"].backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        finite = bool(torch.isfinite(losses["loss"])) and math.isfinite(grad_norm)
-        rec = {"step": step + 1, **{k: float(v.detach()) for k, v in losses.items() if k != "target_tokens"},
-               "target_tokens": int(losses["target_tokens"]), "lr": lr, "grad_norm": grad_norm,
-               "epoch": batches.epoch_progress}
-        counts = {n: r.last_counts for n, r in routers}
-        nonfinite = finish_update(optimizer, routers, counts, main_names, finite, nonfinite, rec,
-                                  cfg.bias_update_rate, log)
-        rec["tokens_per_s"] = batch["tokens"].numel() / (time.perf_counter() - t0)
-        metrics.write(rec)
-        if nonfinite >= cfg.max_nonfinite:
-            progress.close()
-            raise SFTError(f"stopping: {nonfinite} non-finite losses in a row at step {step + 1}")
-        done = step + 1
-        if val_rows is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            last_eval = {"kind": "eval", "step": done, **evaluate_sft(model, val_rows, cfg, device)}
-            metrics.write(last_eval)
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-            save(f"checkpoint-{done}", done)
-            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-                remove_checkpoint(old)
-        progress.update(rec, last_eval)
-    progress.close()
-    final_step = max(start, cfg.max_steps)
-    if val_rows is not None and last_eval.get("step") != final_step:
-        last_eval = {"kind": "eval", "step": final_step, **evaluate_sft(model, val_rows, cfg, device)}
-        metrics.write(last_eval)
-    final = save("final", final_step)
-    from ..train.plots import plot_run
-    plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
-    train_recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()
-                  if ln.strip() and "kind" not in json.loads(ln)]
-    summary = {
-        "out": str(out_dir), "final": str(final), "base_model": str(base), "steps": final_step,
-        "train_rows": len(train_rows), "seq_len": seq_len,
-        "train_target_tokens": train_rows.num_target_tokens,
-        "val_rows": len(val_rows) if val_rows is not None else 0,
-        "first_loss": train_recs[0]["lm_loss"] if train_recs else None,
-        "last_loss": train_recs[-1]["lm_loss"] if train_recs else None,
-        "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
-        "val_token_acc": last_eval.get("val_token_acc"),
-        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        shares, totals = runner.token_shares(token_counts(batch, mtp_depth))
+        with autocast(device):
+            losses = sft_losses(model, batch, cfg, shares)
+        logged = {k: float(v.detach()) for k, v in losses.items() if k != "target_tokens"}
+        if distill:  # the same keys on every rank: a batch without teacher records logs 0
+            logged.setdefault("distill_kl", 0.0)
+        rec, finite = optimizer_update(runner, model, optimizer, schedule(i), [(losses["loss"], logged)],
+                                       cfg.grad_clip, routers, cfg.bias_update_rate)
+        rec.update(target_tokens=int(totals[0]), epoch=batches.epoch_progress,
+                   tokens_per_s=batch["tokens"].numel() / (time.perf_counter() - t0))
+        return rec, finite
+
+    final, last_eval = run.loop(cfg.max_steps, step, None if val_rows is None else
+                                (lambda: evaluate_sft(model, val_rows, cfg, device)), desc="sft", postfix=_sft_postfix)
+
+    def summarize() -> dict:
+        from ..train.plots import plot_run
+        plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
+        train_recs = run.metrics.records()[0]
+        return {
+            "out": str(out_dir), "final": str(final), "base_model": str(base), "steps": max(start, cfg.max_steps),
+            "train_rows": len(train_rows), "seq_len": seq_len,
+            "train_target_tokens": train_rows.num_target_tokens,
+            "val_rows": len(val_rows) if val_rows is not None else 0,
+            "first_loss": train_recs[0]["lm_loss"] if train_recs else None,
+            "last_loss": train_recs[-1]["lm_loss"] if train_recs else None,
+            "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
+            "val_token_acc": last_eval.get("val_token_acc"),
+            "plots": [str(p) for p in plots],
+        }
+
+    return run.finish(summarize)
 
 
 def _sft_postfix(rec: dict, last_eval: dict) -> dict:

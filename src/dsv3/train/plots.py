@@ -40,7 +40,7 @@ def plot_run(metrics_file: Path, out_dir: Path) -> list[Path]:
             ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val LM")
         ax.set_xlabel("step"), ax.set_ylabel("loss (nats)"), ax.legend(), ax.grid(alpha=0.3)
         ax.set_title("loss")
-        written.append(_save(fig, out_dir / "loss.png"))
+        written.append(save_figure(fig, out_dir / "loss.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(steps, [r.get("maxvio_batch_mean", np.nan) for r in train], lw=1, label="MaxVio_batch (mean over layers)")
@@ -48,7 +48,7 @@ def plot_run(metrics_file: Path, out_dir: Path) -> list[Path]:
             ax.plot([r["step"] for r in evals], [r["maxvio_global"] for r in evals], "o-", label="MaxVio_global (val)")
         ax.set_xlabel("step"), ax.set_ylabel("MaxVio"), ax.legend(), ax.grid(alpha=0.3)
         ax.set_title("expert load imbalance")
-        written.append(_save(fig, out_dir / "maxvio.png"))
+        written.append(save_figure(fig, out_dir / "maxvio.png"))
     if evals and evals[-1].get("expert_load"):
         load = np.array(evals[-1]["expert_load"], dtype=float)          # [layers, experts]
         frac = load / np.maximum(load.sum(1, keepdims=True), 1) * load.shape[1]  # 1.0 = perfectly even
@@ -57,11 +57,11 @@ def plot_run(metrics_file: Path, out_dir: Path) -> list[Path]:
         ax.set_xlabel("expert"), ax.set_ylabel("MoE layer")
         ax.set_title(f"expert load on validation, step {evals[-1]['step']} (1.0 = even)")
         fig.colorbar(im, ax=ax)
-        written.append(_save(fig, out_dir / "expert_load.png"))
+        written.append(save_figure(fig, out_dir / "expert_load.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,7 +23,6 @@ new one never arrived, and removes state directories no model points to. No pick
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -266,38 +265,6 @@ def clean_stale_temps(out_dir: Path) -> None:
         m = _STATE_RE.match(s.name)
         if m and _model_save_id(out_dir / m.group(1)) != m.group(2):
             shutil.rmtree(s, ignore_errors=True)
-
-
-def open_run(cfg, out_dir: Path, resume: bool, state_key: str, step_field: str, steps: int | None,
-             error: type[Exception], log=print, what: str = "run"):
-    """Prepare ``out_dir`` for a run of ``cfg`` (a dataclass config); returns ``(cfg, checkpoint or None)``.
-
-    Resuming takes the config saved under ``state_key`` in the newest complete checkpoint (``final``
-    included, so a finished run can be extended), keeping this call's progress/device/out and, if
-    given, ``steps`` as the new ``step_field``; no checkpoint to resume is ``error``. A fresh run
-    removes the previous run's checkpoints (model directories and training states), so a later
-    ``--resume`` cannot pick up a stale one.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_dir)
-    ckpt = resume_point(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise error(f"{out_dir}: no complete checkpoint to resume from")
-    if ckpt is not None:
-        saved = read_trainer_state(ckpt)[state_key]
-        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out}
-        if steps is not None:
-            here[step_field] = steps
-        return type(cfg)(**{**saved, **here}), ckpt
-    if steps is not None:
-        cfg = dataclasses.replace(cfg, **{step_field: steps})
-    old = previous_checkpoints(out_dir)
-    if old:
-        log(f"{out_dir}: starting a new {what}, removing {len(old)} checkpoint(s) of the previous one "
-            "(use --resume to continue it instead)")
-    for p in old:
-        remove_checkpoint(p)
-    return cfg, None
 
 
 def previous_checkpoints(out_dir: Path) -> list[Path]:

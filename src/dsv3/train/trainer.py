@@ -14,10 +14,8 @@ resume equal those of an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PRESETS, ModelConfig, preset
-from ..device import resolve_device
 from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
+from .loop import Run, autocast, optimizer_update, runner_from_env
 from .optim import Schedule, build_optimizer
-from .state import (clean_stale_temps, latest_checkpoint, list_checkpoints, load_training_state,
-                    previous_checkpoints, read_trainer_state, remove_checkpoint, save_training_checkpoint)
 
 
 class TrainError(RuntimeError):
@@ -208,7 +204,7 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, 
     loss_sum, n_tok, mtp_hit, mtp_n = 0.0, 0, 0, 0
     for w in batches:
         w = w.to(device)
-        with _autocast(device):
+        with autocast(device):
             out = compute_losses(model, w, cfg)
         ntok = w[:, 1:].numel()
         loss_sum += float(out["lm_loss"]) * ntok
@@ -231,258 +227,92 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, 
     return rec
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on GPU; fp32 on CPU (CPU bf16 matmuls are slow and the tiny runs don't need them)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ------------------------------------------------------------------------------------- the run
-class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-        elif resume_step is None and path.exists():
-            path.unlink()
-
-    def write(self, rec: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+LOGGED_LOSSES = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, log=print) -> dict:
     """Run (or resume) training; returns the end-of-run summary.
 
     With ``resume``, the run in ``cfg.out`` continues from its last complete checkpoint with its own
-    saved settings; ``max_steps`` (if given) extends or shortens it.
+    saved settings; ``max_steps`` (if given) extends or shortens it. Under torchrun (``WORLD_SIZE >
+    1``) the same run is sharded with FSDP2 / expert parallel (``train/parallel/``).
     """
-    if max_steps is not None:
-        cfg = dataclasses.replace(cfg, max_steps=max_steps)
-    # Under torchrun (WORLD_SIZE > 1): FSDP2 / expert parallel; None in a single process (plain path).
-    from .parallel.training import ParallelTraining
-    dp = ParallelTraining.from_env(cfg.device, cfg.ep)
-    main = dp is None or dp.is_main
-    if not main:  # rank 0 logs, shows progress and writes files
-        from .parallel.training import silent as log
-    out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        clean_stale_temps(out_dir)
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise TrainError(f"{out_dir}: no complete checkpoint to resume from")
-    if not resume:  # a fresh run replaces the previous run's checkpoints (the data cache is kept)
-        old = previous_checkpoints(out_dir)
-        if old:
-            log(f"{out_dir}: starting a new run, removing {len(old)} checkpoint(s) of the previous one "
-                "(use --resume to continue it instead)")
-        for p in old if main else []:
-            remove_checkpoint(p)
-    if dp is not None:
-        dp.ctx.barrier()  # the old run is gone before any rank looks at the directory
-    if ckpt is not None:  # the run's own settings win; only the step budget may be extended
-        saved = read_trainer_state(ckpt)["train_config"]
-        here = {"progress": cfg.progress, "device": cfg.device, "out": cfg.out, "ep": cfg.ep}
-        if max_steps is not None:
-            here["max_steps"] = max_steps
-        cfg = TrainConfig(**{**saved, **here})
-    if not main:
-        cfg = dataclasses.replace(cfg, progress=False)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device) if dp is None else dp.device
-
-    from .. import tokenizer as T
-    with nullcontext() if dp is None else dp.main_first():  # rank 0 trains the tokenizer / tokenizes first
-        tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
     from .. import data as D
-    if dp is None:
-        batches = D.PackedBatches(dataset, cfg.batch_size, cfg.seq_len, split="train", seed=cfg.seed)
-    else:  # cfg.batch_size is the global batch; this rank's slice of it
-        batches = dp.packed_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.seed)
+    from .. import tokenizer as T
+    runner = runner_from_env(cfg.device, cfg.ep)
+    run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="train_config",
+                   keep=("progress", "device", "out", "ep"), error=TrainError, log=log, what="run")
+    cfg, ckpt, log, out_dir = run.cfg, run.ckpt, run.log, run.out_dir
+    torch.manual_seed(cfg.seed)
+    device = runner.device
+    with runner.main_first():  # rank 0 trains the tokenizer / tokenizes first
+        tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
+    batches = runner.packed_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.seed)  # this rank's slice
     val = D.val_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
 
     mc = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     model = Transformer(mc).to(device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    make_optimizer = build_optimizer
     if cfg.fp8:
         from .fp8 import FP8TrainingConfig, apply_fp8_training, build_fp8_optimizer
         apply_fp8_training(model, FP8TrainingConfig(block=cfg.fp8_block))
-        optimizer = build_fp8_optimizer(model, cfg.lr, cfg.weight_decay)
-    if dp is not None:  # shard from outside the model, then the optimizer over the shards
-        dp.parallelize(model, log)
-        optimizer = (build_fp8_optimizer if cfg.fp8 else build_optimizer)(model, cfg.lr, cfg.weight_decay)
+        make_optimizer = build_fp8_optimizer
+    runner.parallelize(model, log)  # shard from outside the model, then the optimizer over the shards
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
-    start = 0
-    if ckpt is not None and dp is not None:  # saved at any world size: each rank loads its shards
-        state = dp.load(ckpt, model, optimizer)
-    elif ckpt is not None:
-        from ..checkpoint import load_pretrained
-        loaded = load_pretrained(ckpt, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        state = load_training_state(ckpt, optimizer)
-    if ckpt is not None:
-        start = state["step"]
-        batches.load_state_dict(state["data"])
-        log(f"resumed from {ckpt} at step {start}")
+    start = run.restore(model, optimizer, tokenizer, batches)  # saved at any world size: each rank loads its shards
     if cfg.compile:  # from outside the model; compiles during the first steps
-        if cfg.fp8 or dp is not None:
+        if cfg.fp8 or runner.world_size > 1:
             raise TrainError("--compile is supported in a single process without --fp8")
         from .compile import compile_model
         compile_model(model)
     model.train()
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start if ckpt is not None else None) if main else dp.null_log()
     routers = balance.routers(model)
-    main_names = [n for n, _ in routers if n.startswith("layers.")]
-
-    def save(name: str, step: int) -> Path:
-        st = {"step": step, "data": batches.state_dict(), "train_config": dataclasses.asdict(cfg)}
-        return (save_training_checkpoint if dp is None else dp.save)(out_dir, name, model, tokenizer, optimizer, st)
-
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    nonfinite = 0
-    last_eval: dict = {}
-    progress = _progress(cfg, start)
-    t_run = time.perf_counter()
-    for step in range(start, cfg.max_steps):
-        t0 = time.perf_counter()
-        lr = schedule(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        counts = {n: 0 for n, _ in routers}
-        finite = True
+
+    def micro_batches():
         for _ in range(cfg.grad_accum):
-            w = next(batches).to(device)
-            with _autocast(device):
-                losses = compute_losses(model, w, cfg)
-            if not torch.isfinite(losses["loss"]):
-                finite = False
-            (losses["loss"] / cfg.grad_accum).backward()
-            for k in sums:
-                if k in losses:
-                    sums[k] += float(losses[k].detach()) / cfg.grad_accum
-            for n, r in routers:
-                if r.last_counts is not None:
-                    counts[n] = counts[n] + r.last_counts
-        if dp is not None:  # global losses, finite flag and expert counts: every rank updates biases alike
-            sums, finite, counts = dp.reduce_step(sums, finite, counts)
-        grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if dp is None
-                     else dp.clip_grad_norm(model, cfg.grad_clip))
-        finite = finite and math.isfinite(grad_norm)
-        rec = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm}
-        nonfinite = finish_update(optimizer, routers, counts, main_names, finite, nonfinite, rec,
-                                  cfg.bias_update_rate, log)
+            with autocast(device):
+                losses = compute_losses(model, next(batches).to(device), cfg)
+            yield losses["loss"] / cfg.grad_accum, {k: float(losses[k].detach()) / cfg.grad_accum
+                                                    for k in LOGGED_LOSSES if k in losses}
+
+    def step(i: int) -> tuple[dict, bool]:
+        t0 = time.perf_counter()
+        rec, finite = optimizer_update(runner, model, optimizer, schedule(i), micro_batches(), cfg.grad_clip,
+                                       routers, cfg.bias_update_rate, sums=dict.fromkeys(LOGGED_LOSSES, 0.0))
         rec["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
-        metrics.write(rec)
-        if nonfinite >= cfg.max_nonfinite:
-            progress.close()
-            raise TrainError(f"stopping: {nonfinite} non-finite losses in a row at step {step + 1} "
-                             f"(last checkpoint: {latest_checkpoint(out_dir)})")
-        done = step + 1
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            last_eval = {"kind": "eval", "step": done, **evaluate(model, val, cfg, device)}
-            metrics.write(last_eval)
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-            save(f"checkpoint-{done}", done)
-            for _, old in list_checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)] if main else []:
-                remove_checkpoint(old)
-        progress.update(rec, last_eval)
-    progress.close()
+        return rec, finite
+
+    final, last_eval = run.loop(cfg.max_steps, step, lambda: evaluate(model, val, cfg, device), desc="train")
     final_step = max(start, cfg.max_steps)
-    if not last_eval or last_eval.get("step") != final_step:
-        last_eval = {"kind": "eval", "step": final_step, **evaluate(model, val, cfg, device)}
-        metrics.write(last_eval)
-    final = save("final", final_step)
-    if not main:  # rank 0 writes plots and the summary (and samples) alone
-        return dp.finish(None)
-    from .plots import plot_run
-    plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
-    from ..accounting import param_counts
-    pc = param_counts(mc)
-    train_recs = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()
-                  if ln.strip() and "kind" not in json.loads(ln)]
-    tps = [r["tokens_per_s"] for r in train_recs[-20:]]
-    summary = {
-        "out": str(out_dir), "final": str(final), "steps": final_step,
-        "params": pc["total"], "active_params": pc["active"], "mtp_params": pc.get("mtp", 0),
-        "tokens_per_s": sum(tps) / len(tps) if tps else None,
-        "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
-        "unigram_baseline_loss": D.unigram_entropy(dataset),
-        "maxvio_global": last_eval.get("maxvio_global"), "mtp_top1_acc": last_eval.get("mtp_top1_acc"),
-        "plots": [str(p) for p in plots], "wall_s": time.perf_counter() - t_run,
-    }
-    if cfg.compile:  # generation's cache and shapes change every step: eager is the right tool there
-        from .compile import uncompile_model
-        uncompile_model(model)
-    if cfg.sample_tokens:
-        from ..sample import generate
-        prompt_text = "def "
-        ids = [tokenizer.bos_id] + tokenizer.encode(prompt_text)
-        gen = generate(model if dp is None else dp.plain_model(final), ids, cfg.sample_tokens, temperature=0.7,
-                       top_k=40, seed=cfg.seed, stop_ids=(tokenizer.eos_id,))
-        summary["sample"] = prompt_text + tokenizer.decode(gen, skip_special_tokens=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary if dp is None else dp.finish(summary)
 
+    def summarize() -> dict:  # rank 0 alone writes plots and the summary (and samples)
+        from ..accounting import param_counts
+        from .plots import plot_run
+        plots = plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
+        pc = param_counts(mc)
+        tps = [r["tokens_per_s"] for r in run.metrics.records()[0][-20:]]
+        summary = {
+            "out": str(out_dir), "final": str(final), "steps": final_step,
+            "params": pc["total"], "active_params": pc["active"], "mtp_params": pc.get("mtp", 0),
+            "tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
+            "unigram_baseline_loss": D.unigram_entropy(dataset),
+            "maxvio_global": last_eval.get("maxvio_global"), "mtp_top1_acc": last_eval.get("mtp_top1_acc"),
+            "plots": [str(p) for p in plots],
+        }
+        if cfg.compile:  # generation's cache and shapes change every step: eager is the right tool there
+            from .compile import uncompile_model
+            uncompile_model(model)
+        if cfg.sample_tokens:
+            from ..sample import generate
+            prompt_text = "def "
+            ids = [tokenizer.bos_id] + tokenizer.encode(prompt_text)
+            gen = generate(runner.sampling_model(model, final), ids, cfg.sample_tokens, temperature=0.7,
+                           top_k=40, seed=cfg.seed, stop_ids=(tokenizer.eos_id,))
+            summary["sample"] = prompt_text + tokenizer.decode(gen, skip_special_tokens=True)
+        return summary
 
-def finish_update(optimizer, routers, counts: dict, main_names: list, finite: bool, nonfinite: int, rec: dict,
-                  bias_update_rate: float, log=print) -> int:
-    """Close a training step; returns the new count of non-finite steps in a row.
-
-    Finite loss and gradients: the optimizer step, then the aux-loss-free bias update from the whole
-    step's expert counts. Otherwise the update is skipped and logged. Either way the gradients are
-    zeroed and ``rec`` gets MaxVio_batch of the main model's MoE layers (``main_names``).
-    Shared by pre-training and SFT.
-    """
-    if finite:
-        optimizer.step()
-        for n, r in routers:
-            if counts[n] is not None:
-                balance.update_bias(r, counts[n], bias_update_rate)
-        nonfinite = 0
-    else:
-        nonfinite += 1
-        rec["skipped"] = True
-        log(f"step {rec['step']}: non-finite loss/gradient, update skipped ({nonfinite} in a row)")
-    optimizer.zero_grad(set_to_none=True)
-    if main_names and all(counts[n] is not None for n in main_names):
-        mv = balance.max_violation(torch.stack([counts[n] for n in main_names]))
-        rec["maxvio_batch"] = [float(v) for v in mv]
-        rec["maxvio_batch_mean"] = float(mv.mean())
-    return nonfinite
-
-
-def _train_postfix(rec: dict, last_eval: dict) -> dict:
-    post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-    if "maxvio_batch_mean" in rec:
-        post["maxvio"] = f"{rec['maxvio_batch_mean']:.2f}"
-    if last_eval:
-        post["val"] = f"{last_eval['val_loss']:.3f}"
-    return post
-
-
-class _progress:
-    """A live progress bar (tqdm) over ``cfg.max_steps``; silent unless ``cfg.progress``.
-
-    ``postfix(rec, last_eval)`` picks what the bar shows (default: loss, tok/s, MaxVio, val loss);
-    SFT uses the same bar with its own fields.
-    """
-
-    def __init__(self, cfg, start: int, desc: str = "train", postfix=_train_postfix):
-        self.bar, self.postfix = None, postfix
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-
-    def update(self, rec: dict, last_eval: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.set_postfix(self.postfix(rec, last_eval), refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return run.finish(summarize)

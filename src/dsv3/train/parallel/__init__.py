@@ -8,7 +8,7 @@ Everything here is applied to the single-device model from outside it:
     expert_parallel.py  routed experts sharded over an EP group; all-to-all dispatch / combine
     parallelize.py      parallelize(model, ...): EP, then FSDP2 per block and root; global grad-norm clip
     checkpoint.py       gather to / shard from the single-process checkpoint layout (any world size)
-    training.py         ParallelTraining: the calls the trainer makes under torchrun
+    training.py         ParallelTraining: the calls the training loop (train/loop.py) makes under torchrun
 
 Import the submodules directly; this package imports nothing, so a single-process run never pays
 for loading FSDP.

@@ -1,7 +1,8 @@
-"""What ``dsv3 train`` does differently under torchrun, behind one object the trainer calls.
+"""What training does differently under torchrun, behind one object the training loop calls.
 
-In a single process :meth:`ParallelTraining.from_env` returns None and the trainer runs its plain
-path untouched. With ``WORLD_SIZE > 1`` it joins the job and then:
+In a single process :meth:`ParallelTraining.from_env` returns None and the loop uses
+:class:`dsv3.train.loop.SingleProcess`, which has the same methods doing the plain thing. With
+``WORLD_SIZE > 1`` it joins the job and then:
 
 - ``batch_size`` is the *global* micro-batch: each step takes the same ``batch_size`` windows as a
   single process would, and rank r trains on its ``batch_size / W`` slice of them. So the loss, the
@@ -23,13 +24,6 @@ import torch
 from torch import nn
 
 from .dist import DistContext, DistributedError, init_distributed, world_size_from_env
-
-
-class _NullLog:
-    """Stands in for the metrics log on ranks other than 0."""
-
-    def write(self, rec: dict) -> None:
-        pass
 
 
 class ParallelTraining:
@@ -70,12 +64,12 @@ class ParallelTraining:
         """Context manager: rank 0 runs the body first (tokenizer, token shards), then the others."""
         return self.ctx.main_first()
 
-    def null_log(self) -> _NullLog:
-        """The metrics log of ranks other than 0: drops every record."""
-        return _NullLog()
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        self.ctx.barrier()
 
     # ------------------------------------------------------------------ data and model
-    def local_batch_size(self, global_batch: int) -> int:
+    def _local_batch_size(self, global_batch: int) -> int:
         if global_batch % self.world_size:
             raise DistributedError(f"--batch-size {global_batch} is the global batch; it must be divisible by "
                                    f"the number of ranks ({self.world_size})")
@@ -84,7 +78,7 @@ class ParallelTraining:
     def packed_batches(self, dataset, batch_size: int, seq_len: int, seed: int):
         """This rank's slice of each global training batch (all ranks advance one shared position)."""
         from ...data import PackedBatches
-        return PackedBatches(dataset, self.local_batch_size(batch_size), seq_len, split="train", seed=seed,
+        return PackedBatches(dataset, self._local_batch_size(batch_size), seq_len, split="train", seed=seed,
                              rank=self.rank, world_size=self.world_size)
 
     def parallelize(self, model: nn.Module, log=print) -> nn.Module:
@@ -127,6 +121,16 @@ class ParallelTraining:
             counts = dict(counts, **{n: stacked[i] for i, n in enumerate(names)})
         return out, finite, counts
 
+    def token_shares(self, counts: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """Token-mean losses over the global batch: for this rank's token counts ``[T]`` (one per loss
+        term), (``count * W / global count`` per term, the global counts ``[T]``). A rank's mean of a
+        term times its share, averaged over the ranks (as FSDP averages gradients), is the term's mean
+        over all the ranks' tokens."""
+        total = counts.detach().to(torch.float64).cpu()
+        self.ctx.all_reduce(total)
+        shares = (counts.detach().to(torch.float64).cpu() * self.world_size / total.clamp_min(1)).tolist()
+        return shares, total
+
     # ------------------------------------------------------------------ checkpoints
     def save(self, out_dir: Path, name: str, model: nn.Module, tokenizer, optimizer, trainer_state: dict) -> Path:
         """Gather and write a checkpoint in the single-process layout (collective; rank 0 writes)."""
@@ -138,10 +142,11 @@ class ParallelTraining:
         from .checkpoint import load_parallel_checkpoint
         return load_parallel_checkpoint(path, model, optimizer)
 
-    def plain_model(self, path: Path):
-        """A single-device copy of a saved checkpoint (rank 0 samples from it without the other ranks)."""
+    def sampling_model(self, model: nn.Module, final: Path):
+        """A single-device copy of the saved ``final`` checkpoint (rank 0 samples from it without the
+        other ranks; ``model`` is sharded)."""
         from ...checkpoint import load_pretrained
-        return load_pretrained(path, dtype=torch.float32).to(self.device)
+        return load_pretrained(final, dtype=torch.float32).to(self.device)
 
     # ------------------------------------------------------------------ the end
     def finish(self, summary: dict | None) -> dict:
@@ -151,7 +156,3 @@ class ParallelTraining:
             summary = dict(summary, rank=self.rank)
         self.ctx.close()
         return summary
-
-
-def silent(*args, **kwargs) -> None:
-    """The log function of ranks other than 0."""
