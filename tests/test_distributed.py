@@ -10,7 +10,9 @@ every distributed check in one process group:
   - a 2-rank FSDP2-only run and a 2-rank FSDP2 + EP run (node-limited routing, n_group = EP ranks)
     log the same losses as the single-process run (same global batch and seed) within 1e-5, and all
     ranks hold identical selection biases after every update;
-  - a single-process checkpoint resumes at 2 ranks (with EP) with the same next losses.
+  - a single-process checkpoint resumes at 2 ranks (with EP) with the same next losses;
+  - SFT (the same training loop) at 2 ranks logs the same assistant-token losses as in one process,
+    although the ranks' slices hold different numbers of assistant tokens.
 The parent then resumes the 2-rank EP run's checkpoint in one process: same next losses.
 """
 
@@ -59,6 +61,22 @@ def losses(out: Path) -> tuple[list[float], list[float], list[float]]:
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steps = [r for r in recs if "kind" not in r]
     return ([r["loss"] for r in steps], [r["val_loss"] for r in recs if r.get("kind") == "eval"],
+            [r["grad_norm"] for r in steps])
+
+
+def sft_config(tmp: Path, out: str):
+    """3 SFT steps of 4 packed rows (the global batch) from the single-process run's final model."""
+    from dsv3.post.sft import SFTConfig
+    return SFTConfig(model=str(tmp / "single" / "final"), data=[str(tmp / "chat.jsonl")], out=str(tmp / out),
+                     max_steps=3, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=0, save_every=2, eval_every=2,
+                     val_fraction=0.2, progress=False, device="cpu")
+
+
+def sft_losses(out: Path) -> tuple[list[float], list[float], list[float]]:
+    """Per-step assistant-token losses, per-eval validation losses, per-step gradient norms."""
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r for r in recs if "kind" not in r]
+    return ([r["lm_loss"] for r in steps], [r["val_loss"] for r in recs if r.get("kind") == "eval"],
             [r["grad_norm"] for r in steps])
 
 
@@ -177,6 +195,8 @@ def _worker(rank: int, cache: str, tmp: str) -> None:
             assert everyone[0] == everyone[1], f"{name}: ranks hold different selection biases"
         # a single-process checkpoint resumes at 2 ranks with EP (the parent saved it)
         _train_recording_biases(dataclasses.replace(run_config(cache_p, tmp_p / "resume2"), ep=2), resume=True)
+        from dsv3.post.sft import sft
+        sft(sft_config(tmp_p, "sft2"), log=lambda *a: None)
     except BaseException:
         traceback.print_exc()
         raise
@@ -234,6 +254,12 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
     ref = run_config(cache, tmp_path / "single")
     train(ref)
     shutil.copytree(tmp_path / "single", tmp_path / "resume2", ignore=shutil.ignore_patterns("final"))
+    # SFT data and its single-process reference, from that run's model
+    from dsv3.post.sft import sft
+    from dsv3.post.tasks import Arithmetic, problems
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(p.sft_record()) + "\n"
+                                                 for p in problems(Arithmetic(max_value=99), 30, 0)))
+    sft(sft_config(tmp_path, "sft1"), log=lambda *a: None)
 
     mp.spawn(_worker, args=(str(cache), str(tmp_path)), nprocs=WORLD, join=True)
 
@@ -266,3 +292,12 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "resume1")[0]), torch.tensor(losses(tmp_path / "ep")[0]),
                                rtol=0, atol=1e-5)
     assert len(losses(tmp_path / "resume1")[0]) == STEPS
+
+    # SFT at 2 ranks: every term a mean over the global batch's assistant tokens, as in one process
+    ref_loss, ref_val, ref_norm = sft_losses(tmp_path / "sft1")
+    got_loss, got_val, got_norm = sft_losses(tmp_path / "sft2")
+    assert len(ref_loss) == 3 and len(ref_val) == 2
+    torch.testing.assert_close(torch.tensor(got_loss), torch.tensor(ref_loss), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got_val), torch.tensor(ref_val), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got_norm), torch.tensor(ref_norm), rtol=1e-5, atol=0)
+    assert read_trainer_state(tmp_path / "sft2" / "final")["world_size"] == WORLD
