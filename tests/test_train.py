@@ -252,3 +252,18 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(corpus, tmp_path)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, target + 1))
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], ra["step"]
+
+
+def test_wide_latent_trains_kv_b_proj_at_the_scaled_rate(corpus, tmp_path):
+    # A latent of 32 on a 64-wide model (hidden/4 = 16): s = 0.5 reaches the optimizer the trainer
+    # builds, saved with the run; --no-latent-fan-in-scaling leaves the two plain groups.
+    from dsv3.train.state import read_trainer_state
+    groups = {}
+    for on in (True, False):
+        out = tmp_path / f"run-{on}"
+        train(tiny_run(corpus, out, max_steps=1, save_every=0, eval_every=0, sample_tokens=0,
+                       model_overrides=dict(SMALL_MODEL, kv_lora_rank=32), latent_fan_in_scaling=on))
+        groups[on] = read_trainer_state(out / "final")["optimizer_param_groups"]
+    assert [g.get("lr_scale") for g in groups[True]] == [None, None, 0.5]
+    assert len(groups[True][2]["params"]) == 2 + 1  # kv_b_proj of both layers and of the MTP module
+    assert [g.get("lr_scale") for g in groups[False]] == [None, None]

@@ -204,7 +204,7 @@ class AdamWBF16(torch.optim.Optimizer):
 
 
 def build_fp8_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                        eps: float = 1e-8) -> AdamWBF16:
+                        eps: float = 1e-8, scaled=(), lr_scale: float = 1.0) -> AdamWBF16:
     """The FP8 recipe's optimizer: AdamW with bf16 moments, decay on matrices only (as ``build_optimizer``)."""
     from .optim import param_groups
-    return AdamWBF16(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return AdamWBF16(param_groups(model, weight_decay, scaled, lr_scale), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

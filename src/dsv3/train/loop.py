@@ -117,7 +117,7 @@ def optimizer_update(runner, model, optimizer, lr: float, micro_batches: Iterabl
     zeroed either way, and the metrics get MaxVio_batch of the main model's MoE layers.
     """
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     sums = dict(sums or {})
     counts = {n: None for n, _ in routers}
     finite = True

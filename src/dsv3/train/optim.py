@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -37,17 +38,27 @@ class Schedule:
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (and stacked expert tensors) decay; norms, biases and other vectors don't."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
+                 lr_scale: float = 1.0) -> list[dict]:
+    """Matrices (and stacked expert tensors) decay; norms, biases and other vectors don't.
+
+    The matrices in ``scaled`` get a third group whose ``lr_scale`` multiplies the scheduled rate
+    (``train/latent_scaling.py``); with ``lr_scale`` 1 there are two groups, as in older runs.
+    """
+    special = {id(p) for p in scaled} if lr_scale != 1.0 else set()
+    decay, no_decay, rescaled = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (rescaled if id(p) in special else decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if rescaled:
+        groups.append({"params": rescaled, "weight_decay": weight_decay, "lr_scale": lr_scale})
+    return groups
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+                    eps: float = 1e-8, scaled: Iterable[nn.Parameter] = (), lr_scale: float = 1.0) -> torch.optim.AdamW:
     # foreach=False keeps the update order per tensor fixed, which the bit-exact resume test relies on.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=False)
+    return torch.optim.AdamW(param_groups(model, weight_decay, scaled, lr_scale), lr=lr, betas=betas, eps=eps,
+                             foreach=False)

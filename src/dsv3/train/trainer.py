@@ -27,6 +27,7 @@ from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
 from .loop import Run, autocast, optimizer_update, runner_from_env
+from .latent_scaling import latent_projections, latent_scale, scale_latent_init
 from .optim import Schedule, build_optimizer
 
 
@@ -54,6 +55,9 @@ class TrainConfig:
     decay_start: float = knob(0.6, "fraction of the run after which the cosine decay starts", type=fraction)
     min_lr_ratio: float = knob(0.1, "final LR as a fraction of --lr", type=fraction)
     weight_decay: float = knob(0.1, "AdamW decay on matrices", type=nonneg_float)
+    latent_fan_in_scaling: bool = knob(True, "scale kv_b_proj's init std by sqrt(s) and its LR by s = min(1, "
+                                       "hidden/4 / kv_lora_rank) when the MLA latent is wider than hidden/4 "
+                                       "(train/latent_scaling.py)")
     grad_clip: float = knob(1.0, "gradient norm clip", type=nonneg_float)
     seed: int = knob(0, "seed for init, data order and FIM")
     save_every: int = knob(100, "checkpoint every N steps (0: only final)")
@@ -253,13 +257,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
 
     mc = model_config(cfg, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     model = Transformer(mc).to(device)
+    s = latent_scale(mc) if cfg.latent_fan_in_scaling else 1.0
+    scale_latent_init(model, s)  # a resumed run's weights replace these anyway
     make_optimizer = build_optimizer
     if cfg.fp8:
         from .fp8 import FP8TrainingConfig, apply_fp8_training, build_fp8_optimizer
         apply_fp8_training(model, FP8TrainingConfig(block=cfg.fp8_block))
         make_optimizer = build_fp8_optimizer
     runner.parallelize(model, log)  # shard from outside the model, then the optimizer over the shards
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, scaled=latent_projections(model), lr_scale=s)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
     start = run.restore(model, optimizer, tokenizer, batches)  # saved at any world size: each rank loads its shards
     if cfg.compile:  # from outside the model; compiles during the first steps
