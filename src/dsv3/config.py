@@ -392,8 +392,23 @@ def _preset_tiny() -> ModelConfig:
     )
 
 
+def _preset_tiny_deep() -> ModelConfig:
+    # Deep and narrow (~7M params, 16 layers of hidden 128) for MTP speculative decoding: the MTP
+    # module is one block out of 17, so drafting (that block, eh_proj and the shared head) costs a
+    # small share of a decode step, the regime of the paper's 61-layer model (dsv3 experiment mtp).
+    return ModelConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=16, num_nextn_predict_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=64,
+        qk_rope_head_dim=64, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=1024, rope_scaling=None,
+        torch_dtype="float32",
+    )
+
+
 PRESETS = {
     "tiny": _preset_tiny,
+    "tiny-deep": _preset_tiny_deep,
     "small": _preset_small,
     "v2-lite": _preset_v2_lite,
     "v3": _preset_v3,
@@ -401,7 +416,8 @@ PRESETS = {
 
 
 def preset(name: str) -> ModelConfig:
-    """A named preset: ``tiny``, ``small``, ``v2-lite`` (16B) or ``v3`` (671B)."""
+    """A named preset: ``tiny``, ``tiny-deep`` (16 narrow layers, for MTP), ``small``, ``v2-lite`` (16B) or
+    ``v3`` (671B)."""
     try:
         return PRESETS[name]()
     except KeyError:
