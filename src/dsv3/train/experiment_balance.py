@@ -32,6 +32,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..knobs import nonneg_float, positive_int
 from .trainer import TrainConfig, train
 
 ARM_KINDS = ("aux_free", "aux_loss", "none")
@@ -73,28 +74,6 @@ def name_list(text: str) -> tuple[str, ...]:
     return values
 
 
-def _nonneg(text: str) -> float:
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 @dataclass
 class BalanceExperimentConfig:
     """The knobs of ``dsv3 experiment balance`` (the other training settings come from TrainConfig).
@@ -105,13 +84,13 @@ class BalanceExperimentConfig:
 
     bias_update_rate: float = field(default=1e-2, metadata={
         "help": "gamma of the aux_free arm's bias update (the paper's 1e-3 needs hundreds of steps here)",
-        "type": _nonneg})
+        "type": nonneg_float})
     aux_loss_alpha: float = field(default=1e-3, metadata={
-        "help": "alpha of the aux_loss arm's classic batch-wise auxiliary loss", "type": _nonneg})
+        "help": "alpha of the aux_loss arm's classic batch-wise auxiliary loss", "type": nonneg_float})
     seq_aux_alpha: float = field(default=0.0, metadata={
         "help": "alpha of the complementary sequence-wise loss in the aux_free arm (V3's full recipe; "
-                "0: aux-free alone)", "type": _nonneg})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps of every run", "type": _positive_int})
+                "0: aux-free alone)", "type": nonneg_float})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps of every run", "type": positive_int})
     seeds: tuple[int, ...] = field(default=(0, 1), metadata={
         "help": "seeds (init and data order), each arm runs once per seed, comma-separated",
         "type": int_list, "metavar": "N,N"})
