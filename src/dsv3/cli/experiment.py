@@ -107,8 +107,9 @@ def _add_mtp(group) -> None:
                                "decode greedily at batch 1 with the compiled engine, plain and with MTP drafts "
                                "(k = 1, 2), in interleaved rounds: acceptance, mean accepted length, speed-up, the "
                                "measured draft cost c and the bound (k+1)/(1+k c). OUT/summary.json, a table.")
-    # ~15 minutes of training on 2 CPU cores at these defaults (a 2,048-token BPE vocabulary keeps the
-    # re-read head, most of a draft's bytes, small).
+    # 300 steps of 8 x 128 tokens: ~5-10 minutes on 2 idle CPU cores, estimated from the tiny preset's
+    # idle throughput (not measured idle). A 2,048-token BPE vocabulary keeps the re-read head, about
+    # half of a draft's bytes, small.
     add_train_args(m, resume_flag=False,
                    defaults={"preset": "tiny-deep", "max_steps": 300, "seq_len": 128, "batch_size": 8,
                              "vocab_size": 2048, "eval_every": 0, "save_every": 0, "sample_tokens": 0,
