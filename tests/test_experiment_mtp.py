@@ -83,7 +83,7 @@ def test_smoke_run_writes_summary_and_table(tmp_path, capsys):
     rc = main(["experiment", "mtp", "--out", str(out), "--no-progress", "--max-steps", "2", "--batch-size", "2",
                "--seq-len", "32", "--eval-batches", "1", "--tokenizer-train-mb", "0.3", "--vocab-size", "384",
                "--model-set", "num_hidden_layers=2", "--prompts", "1", "--prompt-len", "8", "--gen-len", "6",
-               "--rounds", "1", "--eager"])
+               "--rounds", "1", "--warmup", "1", "--eager"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["num_hidden_layers"] == 2 and s["train"]["steps"] == 2 and s["batch"] == 1
