@@ -32,24 +32,12 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..knobs import nonneg_float, positive_int
+from ..knobs import int_list, nonneg_float, positive_int
 from .trainer import TrainConfig, train
 
 ARM_KINDS = ("aux_free", "aux_loss", "none")
 LATE_FRACTION = 0.25     # "late" MaxVio_batch: the last quarter of the steps
 METRICS = ("val_ppl", "maxvio_global", "maxvio_batch_late")
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """``"0,1"`` -> (0, 1): a comma-separated list of integers (argparse ``type=``)."""
-    import argparse
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def positive_float_list(text: str) -> tuple[float, ...]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..knobs import knob, positive_int
+from ..knobs import int_list, knob, positive_int
 from .trainer import TrainConfig, train
 
 PAPER_ACCEPTANCE = (0.85, 0.90)   # DeepSeek-V3 §5.4.3, second-token acceptance
@@ -43,11 +43,8 @@ GOAL_SPEEDUP = 1.6                # issue 17's goal for batch 1 on a CPU
 
 def k_list(text: str) -> tuple[int, ...]:
     """``"1,2"`` -> (1, 2): distinct draft lengths >= 1 (argparse ``type=``)."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1 or len(set(values)) != len(values):
+    values = int_list(text)
+    if min(values) < 1 or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"expected distinct integers >= 1, got {text!r}")
     return values
 
