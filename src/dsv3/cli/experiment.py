@@ -1,9 +1,14 @@
 """``dsv3 experiment NAME``: paper ablations and quality studies at small scale, each a comparison
-of runs on the same data and seed (the code of each lives beside its feature)."""
+of runs on the same data and seed (the code of each lives beside its feature).
+
+The training experiments (balance, fp8, mtp) come from the registry ``dsv3.train.experiments``: one
+subcommand per entry, built the same way. ``post-train`` (post/demo.py) and ``quant``
+(quant/quality.py) are not training runs of a TrainConfig and keep their own flags here."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..knobs import positive_int
 from .common import add_group, add_json_arg, add_member, reported, require_dir, write_json
@@ -12,36 +17,49 @@ from .train import add_train_args, train_config_from_args
 
 
 def register(subparsers) -> None:
+    from ..train.experiments import EXPERIMENTS
     group = add_group(subparsers, "experiment", help="reproduce a paper ablation at small scale")
-    b = add_member(group, "balance", cmd_experiment_balance,
-                   help="aux loss vs aux-loss-free vs no balancing: val ppl and MaxVio",
-                   description="Train the same model three ways (aux-loss-free bias updates, classic aux loss, "
-                               "neither), each at several seeds, and compare val perplexity, MaxVio_global and "
-                               "late MaxVio_batch (mean and std over seeds): OUT/summary.json, a table, plots.")
-    from ..train.experiment_balance import ARM_FIELDS, BalanceExperimentConfig
-    # The arms set ARM_FIELDS themselves, from BalanceExperimentConfig's flags. No MTP by default: it
-    # doesn't route the main layers that MaxVio is measured on and costs ~35% of a step.
-    add_train_args(b, resume_flag=False, defaults={"save_every": 0, "sample_tokens": 0, "mtp_depth": 0},
-                   exclude=ARM_FIELDS)
-    add_dataclass_args(b, BalanceExperimentConfig)
+    for e in EXPERIMENTS.values():
+        _add_training_experiment(group, e)
     _add_post_train(group)
-    _add_fp8(group)
-    _add_mtp(group)
     _add_quant(group)
 
 
-def cmd_experiment_balance(args: argparse.Namespace) -> int:
-    from ..train.experiment_balance import BalanceExperimentConfig, format_table, run_balance_experiment
+# ---------------------------------------------------------------------- the training experiments
+def _add_training_experiment(group, e) -> None:
+    """``dsv3 experiment NAME`` for registered experiment ``e`` (dsv3.train.experiments): the training
+    flags with its shorter-run defaults, minus the fields it sets itself, then its own knobs."""
+    p = add_member(group, e.name, _command(e.name), help=e.help, description=e.description)
+    add_train_args(p, resume_flag=False, defaults=e.train_defaults, exclude=e.train_exclude)
+    add_dataclass_args(p, e.config)
+
+
+def _command(name: str):
+    def cmd(args: argparse.Namespace) -> int:
+        return run_training_experiment(name, args)
+    cmd.__name__ = cmd.__qualname__ = f"cmd_experiment_{name.replace('-', '_')}"
+    return cmd
+
+
+def run_training_experiment(name: str, args: argparse.Namespace) -> int:
+    """Run registered experiment ``name`` from its parsed flags; print its table and what it wrote."""
+    from ..train.experiments import get
     from ..train.trainer import TrainError
+    e = get(name)
     cfg = train_config_from_args(args)
     with reported(ValueError):
-        exp = from_args(BalanceExperimentConfig, args)
-    out = args.out or f"runs/experiment-balance-{cfg.preset}"
-    with reported(TrainError):
-        result = run_balance_experiment(cfg, out, exp)
-    print(format_table(result))
-    print(f"written: {out}/summary.json, {out}/runs.json, {out}/balance_results.md, {out}/balance.png"
-          + (f", {out}/gamma_sweep.png" if exp.gamma_sweep else ""))
+        exp = from_args(e.config, args)
+    # A knob naming a directory (e.g. mtp's --model) must exist before minutes of work start.
+    for f in dataclasses.fields(exp):
+        value = getattr(exp, f.name)
+        if f.metadata.get("metavar") == "DIR" and value is not None:
+            require_dir(value, "--" + f.name.replace("_", "-"))
+    out = args.out or e.default_out(cfg)
+    # ValueError: a checkpoint or data that doesn't fit the experiment (e.g. mtp --model without MTP)
+    with reported(TrainError, ValueError):
+        result = e.run(cfg, out, exp)
+    print(e.format(result))
+    print("written: " + ", ".join(f"{out}/{file}" for file in e.outputs(exp)))
     return 0
 
 
@@ -63,73 +81,6 @@ def cmd_post_train(args: argparse.Namespace) -> int:
         result = run_demo(from_args(DemoConfig, args))
     print(format_demo(result))
     print(f"written: {args.out}/post_train_results.json, {args.out}/post_train_results.md")
-    return 0
-
-
-# ---------------------------------------------------------------------- fp8
-def _add_fp8(group) -> None:
-    e = add_member(group, "fp8", cmd_experiment_fp8,
-                   help="BF16 vs FP8 mixed-precision training on the same data and seed",
-                   description="Train the same model (hidden 1024: K spans 8 FP8 blocks) in the trainer's high "
-                               "precision (fp32 on CPU, bf16 autocast on GPU), with FP8 GEMMs (DeepSeek-V3 recipe) "
-                               "and, for the noise floor, in high precision at seed + 1; report the relative loss "
-                               "error of each against the first (paper: < 0.25%) with a plot.")
-    # Shorter than a default training run, so the three arms fit in minutes on 2 cores at hidden 1024:
-    # 4 x 128 tokens a step, no MTP (its block is one more layer of the same GEMMs), a 2,048-token
-    # vocabulary (the head stays in high precision and would dominate the time).
-    add_train_args(e, resume_flag=False,
-                   defaults={"max_steps": 60, "seq_len": 128, "batch_size": 4, "eval_every": 0, "save_every": 0,
-                             "warmup_steps": 10, "mtp_depth": 0, "vocab_size": 2048})
-    from ..train.experiment_fp8 import FP8ExperimentConfig
-    add_dataclass_args(e, FP8ExperimentConfig)
-
-
-def cmd_experiment_fp8(args: argparse.Namespace) -> int:
-    from ..train.experiment_fp8 import FP8ExperimentConfig, format_report, run_fp8_experiment
-    from ..train.trainer import TrainError
-    cfg = train_config_from_args(args)
-    with reported(ValueError):
-        exp = from_args(FP8ExperimentConfig, args)
-    out = args.out or f"runs/experiment-fp8-{cfg.preset}"
-    with reported(TrainError):
-        result = run_fp8_experiment(cfg, out, exp)
-    print(format_report(result))
-    print(f"written: {out}/fp8_results.json, {out}/fp8_results.md, {out}/fp8.png")
-    return 0
-
-
-# ---------------------------------------------------------------------- mtp
-def _add_mtp(group) -> None:
-    from ..train.experiment_mtp import MTPExperimentConfig
-    m = add_member(group, "mtp", cmd_experiment_mtp,
-                   help="MTP speculative decoding on a deep-narrow model: acceptance and batch-1 speed-up",
-                   description="Train the deep-narrow tiny-deep preset briefly (16 layers, one MTP module), then "
-                               "decode greedily at batch 1 with the compiled engine, plain and with MTP drafts "
-                               "(k = 1, 2), in interleaved rounds: acceptance, mean accepted length, speed-up, the "
-                               "measured draft cost c and the bound (k+1)/(1+k c). OUT/summary.json, a table.")
-    # 300 steps of 8 x 128 tokens: ~5-10 minutes on 2 idle CPU cores, estimated from the tiny preset's
-    # idle throughput (not measured idle). A 2,048-token BPE vocabulary keeps the re-read head, about
-    # half of a draft's bytes, small.
-    add_train_args(m, resume_flag=False,
-                   defaults={"preset": "tiny-deep", "max_steps": 300, "seq_len": 128, "batch_size": 8,
-                             "vocab_size": 2048, "eval_every": 0, "save_every": 0, "sample_tokens": 0,
-                             "warmup_steps": 20})
-    add_dataclass_args(m, MTPExperimentConfig)
-
-
-def cmd_experiment_mtp(args: argparse.Namespace) -> int:
-    from ..train.experiment_mtp import MTPExperimentConfig, format_table, run_mtp_experiment
-    from ..train.trainer import TrainError
-    cfg = train_config_from_args(args)
-    with reported(ValueError):
-        exp = from_args(MTPExperimentConfig, args)
-    if exp.model is not None:
-        require_dir(exp.model, "--model")
-    out = args.out or f"runs/experiment-mtp-{cfg.preset}"
-    with reported(TrainError, ValueError):
-        result = run_mtp_experiment(cfg, out, exp)
-    print(format_table(result))
-    print(f"written: {out}/summary.json, {out}/mtp_results.md")
     return 0
 
 
