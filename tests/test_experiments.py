@@ -12,12 +12,12 @@ from dsv3.train.experiments import EXPERIMENTS, get
 from dsv3.train.trainer import TrainConfig
 
 
-def test_the_registry_names_the_three_training_experiments():
-    assert list(EXPERIMENTS) == ["balance", "fp8", "mtp"]
+def test_the_registry_names_the_training_experiments():
+    assert {"balance", "fp8", "mtp"} <= set(EXPERIMENTS)
     assert EXPERIMENTS["balance"].run is experiment_balance.run_balance_experiment
     assert EXPERIMENTS["fp8"].config is experiment_fp8.FP8ExperimentConfig
     assert EXPERIMENTS["mtp"].format is experiment_mtp.format_table
-    with pytest.raises(KeyError, match="known: balance, fp8, mtp"):
+    with pytest.raises(KeyError, match="unknown experiment 'nope'; known: .*balance"):
         get("nope")
 
 
