@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     group = add_group(subparsers, "experiment", help="reproduce a paper ablation at small scale")
     for e in EXPERIMENTS.values():
         _add_training_experiment(group, e)
+    _add_all(group)
     _add_post_train(group)
     _add_quant(group)
 
@@ -60,6 +61,40 @@ def run_training_experiment(name: str, args: argparse.Namespace) -> int:
         result = e.run(cfg, out, exp)
     print(e.format(result))
     print("written: " + ", ".join(f"{out}/{file}" for file in e.outputs(exp)))
+    return 0
+
+
+# ---------------------------------------------------------------------- all
+# The training flags `experiment all` passes to every experiment (the rest are each experiment's own).
+ALL_TRAIN_FIELDS = ("data", "device", "progress")
+
+
+def _add_all(group) -> None:
+    import dataclasses as dc
+
+    from ..train.experiment_all import AllExperimentsConfig
+    from ..train.trainer import TrainConfig
+    p = add_member(group, "all", cmd_experiment_all, help="every reproduction above, one report",
+                   description="Run router, fp8, balance and mtp at their defaults under OUT/NAME (an experiment "
+                               "whose summary is already there is reused unless --force), then write OUT/report.md "
+                               "(the paper's claims beside ours, every table and plot) and OUT/summary.json.")
+    p.add_argument("--out", metavar="DIR", default="runs/experiment-all", help="output directory (default: %(default)s)")
+    add_dataclass_args(p, TrainConfig, exclude={f.name for f in dc.fields(TrainConfig)} - set(ALL_TRAIN_FIELDS))
+    add_dataclass_args(p, AllExperimentsConfig)
+
+
+def cmd_experiment_all(args: argparse.Namespace) -> int:
+    from ..train.experiment_all import AllExperimentsConfig, run_all
+    from ..train.trainer import TrainConfig, TrainError
+    with reported(ValueError):
+        cfg = from_args(AllExperimentsConfig, args)
+        base = from_args(TrainConfig, args)
+    train = {name: getattr(base, name) for name in ALL_TRAIN_FIELDS}
+    with reported(TrainError, ValueError):
+        result = run_all(args.out, cfg, train)
+    for row in result["claims"]:
+        print(f"{row['experiment']}: {row['ours']}")
+    print(f"written: {args.out}/report.md, {args.out}/summary.json")
     return 0
 
 

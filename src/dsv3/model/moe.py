@@ -56,6 +56,10 @@ class Router(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
         self.last_topk: torch.Tensor | None = None
+        # The dtype of the logits and scores. Always fp32 in training and inference; only the
+        # router-precision experiment (train/experiment_router.py) sets bf16, to show what an
+        # autocast-recast gate would pick.
+        self.compute_dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> gate weights [T, k] (fp32), expert ids [T, k].
@@ -66,7 +70,8 @@ class Router(nn.Module):
         keep the gate in fp32 too.
         """
         with _no_autocast(x.device.type):
-            logits = F.linear(x.float(), self.weight.float())                   # [T, E] fp32
+            cd = self.compute_dtype
+            logits = F.linear(x.to(cd), self.weight.to(cd))                     # [T, E] fp32
             if self.scoring_func == "sigmoid":
                 scores = logits.sigmoid()
             else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import experiment_balance, experiment_fp8, experiment_mtp
+from . import experiment_balance, experiment_fp8, experiment_mtp, experiment_router
 from .trainer import TrainConfig
 
 
@@ -105,8 +105,18 @@ MTP = Experiment(
                     "eval_every": 0, "save_every": 0, "sample_tokens": 0, "warmup_steps": 20},
 )
 
+ROUTER = Experiment(
+    name="router", config=experiment_router.RouterExperimentConfig, run=experiment_router.run_router_experiment,
+    format=experiment_router.format_table,
+    help="router precision: the fp32 gate under bf16 autocast vs a bf16 gate",
+    description="Push tokens through a model (the preset at its training init, or --model DIR) and route the hidden "
+                "states reaching every MoE gate in fp32, under bf16 autocast as shipped, and with a bf16 gate: the "
+                "fraction of tokens whose experts change and the largest gate-weight change. No training.",
+    outputs=lambda exp: ("summary.json", "router_results.md"),
+)
+
 # name -> experiment, in `dsv3 experiment --help` order
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (BALANCE, FP8, MTP)}
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (BALANCE, FP8, MTP, ROUTER)}
 
 
 def get(name: str) -> Experiment:
