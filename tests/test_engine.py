@@ -10,6 +10,7 @@ import dsv3
 from dsv3.engine.block_manager import BlockManager
 from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams
+from dsv3.engine.speculation import MTPSpeculator
 from dsv3.sample import generate
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -176,7 +177,7 @@ def test_speculative_bookkeeping_with_oracle_drafts(mtp_checkpoint, monkeypatch)
     up to the first wrong one, and the output must still equal plain greedy decoding."""
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     plain = {tuple(p): o.token_ids for p, o in zip(PROMPTS, LLM(mtp_checkpoint).generate(PROMPTS, sp))}
-    real_draft = LLM._draft
+    real_draft = MTPSpeculator.draft
     calls = {"n": 0}
 
     def oracle(self, seqs):
@@ -187,7 +188,7 @@ def test_speculative_bookkeeping_with_oracle_drafts(mtp_checkpoint, monkeypatch)
                 calls["n"] += 1
                 s.draft = [t if (calls["n"] + j) % 3 else (t + 1) % 97 for j, t in enumerate(truth[:len(s.draft)])]
                 s.draft += [0] * (3 - len(s.draft))
-    monkeypatch.setattr(LLM, "_draft", oracle)
+    monkeypatch.setattr(MTPSpeculator, "draft", oracle)
     llm = LLM(mtp_checkpoint, block_size=4, speculative="mtp", num_speculative_tokens=3)
     outs = llm.generate(PROMPTS, sp)
     assert [o.token_ids for o in outs] == [plain[tuple(p)] for p in PROMPTS]

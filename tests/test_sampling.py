@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from dsv3.engine.sampling import (
-    Sampler,
+    ARGMAX_IGNORES,
     SamplingParams,
     apply_penalties,
     greedy_verify,
-    make_generator,
     penalty_inputs,
     probs_after_processing,
     rejection_sample,
@@ -62,7 +61,6 @@ def histogram(tokens, vocab: int) -> torch.Tensor:
     ("logprobs", -1),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01),
     ("frequency_penalty", 3.0), ("frequency_penalty", -2.5),
-    ("n", 0),
 ])
 def test_params_validation_names_the_field(field_name, value):
     with pytest.raises(ValueError, match=field_name):
@@ -71,7 +69,7 @@ def test_params_validation_names_the_field(field_name, value):
 
 def test_params_defaults_and_normalization():
     p = SamplingParams()
-    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.max_tokens, p.n) == (1.0, 0, 1.0, 0.0, 16, 1)
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.max_tokens) == (1.0, 0, 1.0, 0.0, 16)
     assert not p.greedy and SamplingParams(temperature=0).greedy
     # Edge values that are allowed.
     SamplingParams(top_k=-1, top_p=1.0, min_p=1.0, presence_penalty=-2, frequency_penalty=2, logprobs=0)
@@ -220,7 +218,7 @@ def test_penalties_through_sample_and_penalty_inputs():
 def _stream(seed: int, row_logits: list[torch.Tensor], position: int, others: list[tuple[SamplingParams, int | None]],
             params: SamplingParams) -> list[int]:
     """Tokens for one request over several steps, placed at ``position`` among other requests."""
-    gen = make_generator(SamplingParams(seed=seed))
+    gen = torch.Generator().manual_seed(seed)
     other_gens = [None if s is None else torch.Generator().manual_seed(s) for _, s in others]
     tokens = []
     for step, logits in enumerate(row_logits):
@@ -267,18 +265,62 @@ def test_raw_logprobs_and_top_logprobs():
     assert out.top_logprobs[1] == [] and out.top_logprobs[2] is None
 
 
-def test_processed_logprobs_match_final_distribution():
+def test_processed_distribution_is_what_is_sampled():
+    """The distribution after processing (what the draws and speculative verification use): top-k
+    leaves k tokens, renormalized from the tempered logits; a greedy row is the one-hot of its argmax."""
     torch.manual_seed(7)
     logits = torch.randn(2, 30) * 3
     params = [SamplingParams(temperature=0.5, top_k=3, logprobs=5), SamplingParams(temperature=0, logprobs=2)]
-    out = Sampler(logprobs_mode="processed")(logits, params, [torch.Generator().manual_seed(0), None])
-    processed = probs_after_processing(logits[:1], params[:1]).log()
-    assert torch.allclose(out.logprobs[0], processed[0, out.token_ids[0]])
-    top = out.top_logprobs[0]
-    assert len(top) == 5 and all(math.isinf(v) for _, v in top[3:])  # only 3 tokens survive top-k
-    assert all(a[1] >= b[1] for a, b in zip(top, top[1:]))
-    # Greedy rows report log_softmax of the (penalized) logits, not the one-hot.
-    assert torch.allclose(out.logprobs[1], logits[1].log_softmax(-1).max())
+    out = sample(logits, params, [torch.Generator().manual_seed(0), None])
+    processed = probs_after_processing(logits, params).log()
+    top3 = logits[0].topk(3).indices
+    kept = torch.isfinite(processed[0]).nonzero().flatten().tolist()
+    assert sorted(kept) == sorted(top3.tolist())
+    assert torch.allclose(processed[0, top3], (logits[0, top3] / 0.5).log_softmax(-1))
+    assert int(out.token_ids[0]) in top3.tolist()
+    ranked = processed[0].sort(descending=True).values
+    assert all(math.isinf(v) for v in ranked[3:5].tolist())        # beyond the 3 survivors: -inf
+    assert processed[1].exp().tolist() == torch.nn.functional.one_hot(logits[1].argmax(), 30).float().tolist()
+    assert int(out.token_ids[1]) == int(logits[1].argmax())
+
+
+# A value other than the default for every SamplingParams field (a new field must be added here).
+NON_DEFAULT = {"temperature": 0.5, "top_k": 2, "top_p": 0.5, "min_p": 0.5, "presence_penalty": 2.0,
+               "frequency_penalty": 2.0, "repetition_penalty": 3.0, "max_tokens": 3, "stop_token_ids": (1,),
+               "stop": ("x",), "ignore_eos": True, "seed": 3, "logprobs": 2,
+               "logits_processors": (lambda ids, logits: logits,), "logit_bias": {0: 50.0}}
+
+
+def test_greedy_shortcut_ignores_no_field_it_should_not():
+    """sample()'s shortcut (a plain argmax for greedy rows) is taken only when every field it does not
+    read holds its default: each field outside ARGMAX_IGNORES switches it off, and each field inside
+    really leaves the full pipeline's greedy distribution at the raw argmax."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(NON_DEFAULT) == names, f"give NON_DEFAULT a value for {names ^ set(NON_DEFAULT)}"
+    assert ARGMAX_IGNORES <= names
+    logits = torch.linspace(0, 3, 12)[torch.randperm(12, generator=torch.Generator().manual_seed(8))][None]
+    assert logits[0].argmax() != 0                          # so the bias on token 0 moves the argmax
+    counts = torch.zeros(1, 12, dtype=torch.int32)
+    counts[0, logits[0].argmax()] = 3                       # the favourite was generated: penalties bite
+    seen = counts > 0
+    raw_argmax = int(logits[0].argmax())
+    assert SamplingParams(temperature=0).plain_argmax
+    for name, value in NON_DEFAULT.items():
+        if name == "temperature":                           # a greedy row is one with temperature 0
+            continue
+        p = SamplingParams(**{"temperature": 0, name: value})
+        out = sample(logits, [p], [None], counts, seen)
+        reference = probs_after_processing(logits, [p], counts, seen)[0]          # the full pipeline, no shortcut
+        assert int(out.token_ids[0]) == int(reference.argmax()), name
+        if name in ARGMAX_IGNORES:
+            assert p.plain_argmax and int(reference.argmax()) == raw_argmax, name
+        else:
+            assert not p.plain_argmax, f"the greedy shortcut would ignore {name}"
+            if name == "logprobs":
+                assert len(out.top_logprobs[0]) == 2
+            else:                                            # bias and penalties move the argmax here
+                assert int(out.token_ids[0]) != raw_argmax, name
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 import dsv3
 from dsv3.engine import LLM, SamplingParams
+from dsv3.engine.sequence import Sequence
 from dsv3.serve.grammar import BanTokens, GrammarBackend
 from dsv3.serve.protocol import APIError, ChatCompletionRequest, parse_body
 from dsv3.serve.tools import ChatOutputParser, check_tools, tool_choice_of
@@ -170,12 +171,12 @@ def _reply_ids(tok, reasoning: str, content: str, calls: list[tuple[str, str]]) 
     return ids + [tok.eos_id]
 
 
-def _feed(parser, ids, cuts):
+def _feed(parser, ids, cuts, stop_cut=None):
     reasoning = content = ""
     calls = []
     bounds = [0, *cuts, len(ids)]
     for a, b in zip(bounds, bounds[1:]):
-        d = parser.update(ids[:b], final=b == len(ids))
+        d = parser.update(ids[:b], final=b == len(ids), cut=stop_cut if b == len(ids) else None)
         reasoning += d.reasoning
         content += d.content
         calls += d.tool_calls
@@ -196,12 +197,40 @@ def test_parser_any_chunking(tok):
         assert [c["index"] for c in got] == [0, 1] and len({c["id"] for c in got}) == 2
 
 
+def _engine_stop(tok, ids, stops, prompt_len=1):
+    """The ids the engine emits and its stop_text_len, as LLM runs them (Sequence.match_stop)."""
+    seq = Sequence(0, [tok.bos_id] * prompt_len, SamplingParams(stop=stops))
+    for i in ids:
+        seq.output.append(i)
+        if seq.match_stop(tok):
+            break
+    return seq.output, seq.stop_text_len
+
+
 def test_parser_stop_string_is_never_streamed(tok):
-    ids = tok.encode("the engine reads STOP and writes") + [tok.eos_id]
+    """The engine finds the stop string; the parser cuts where it says and, while streaming, holds
+    back the text that could still begin one."""
+    ids, cut = _engine_stop(tok, tok.encode("the engine reads STOP and writes") + [tok.eos_id], ["STOP", "zzz"])
     for cuts in (list(range(1, len(ids))), []):
         parser = ChatOutputParser(tok, stop=["STOP", "zzz"])
-        _, content, _ = _feed(parser, ids, cuts)
+        _, content, _ = _feed(parser, ids, cuts, cut)
         assert content == "the engine reads " and parser.stopped
+
+
+def test_parser_stop_string_after_reasoning_and_in_a_tool_call(tok):
+    """With thinking, the engine's text is reasoning then content: a cut in the content keeps the
+    reasoning whole; a stop string inside a tool-call block leaves the calls completed before it."""
+    ids = tok.encode("let me think") + [tok.token_id(THINK_END)] + tok.encode("the engine reads STOP and writes")
+    ids, cut = _engine_stop(tok, ids, ["STOP"])
+    for cuts in (list(range(1, len(ids))), []):
+        parser = ChatOutputParser(tok, thinking=True, stop=["STOP"])
+        reasoning, content, _ = _feed(parser, ids, cuts, cut)
+        assert (reasoning, content) == ("let me think", "the engine reads ") and parser.stopped
+    calls = [("ping", '{"host": "a.b"}'), ("ping", '{"host": "STOP"}')]
+    ids, cut = _engine_stop(tok, _reply_ids(tok, "", "calling", calls), ["STOP"])
+    parser = ChatOutputParser(tok, tool_names=["ping"], stop=["STOP"])
+    _, content, got = _feed(parser, ids, list(range(1, len(ids))), cut)
+    assert content == "calling" and [c["function"]["arguments"] for c in got] == ['{"host": "a.b"}']
 
 
 def test_parser_plain_text_with_partial_utf8(tok):
@@ -384,20 +413,46 @@ def test_schema_check_accepts_real_schemas_and_names_the_bad_keyword():
 
 def test_sampling_params_come_from_requests_by_field_name():
     """Issue 15's rule: every SamplingParams field is either a same-named request field or set by the
-    server itself, so a new sampling parameter can't be silently dropped."""
+    server itself (with the reason), so a new sampling parameter can't be silently dropped."""
     import dataclasses
 
-    from dsv3.serve.prepare import SERVER_SET, sampling_fields
+    from dsv3.serve.prepare import SAMPLED_BY_NAME, SERVER_SET, sampling_fields
     from dsv3.serve.protocol import CompletionRequest, ResponsesRequest
     names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert SERVER_SET.keys() <= names and all(isinstance(why, str) and why for why in SERVER_SET.values())
+    assert SAMPLED_BY_NAME == names - SERVER_SET.keys()
     for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
-        missing = names - SERVER_SET - set(model.model_fields)
+        missing = names - SERVER_SET.keys() - set(model.model_fields)
         assert not missing, f"{model.__name__} lacks {missing}"
     req = parse_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5,
                                  "logit_bias": {"7": -2}, "ignore_eos": True}).encode(), ChatCompletionRequest)
     assert sampling_fields(req) == {"top_k": 5, "logit_bias": {7: -2.0}, "ignore_eos": True}
     resp = parse_body(b'{"model": "m", "input": "x", "temperature": 0.5, "top_p": 0.9}', ResponsesRequest)
     assert sampling_fields(resp) == {"temperature": 0.5, "top_p": 0.9, "ignore_eos": False}
+
+
+def test_every_sampled_field_reaches_the_engine(llm):
+    """Each SamplingParams field taken by name, set in a chat, completions or Responses request, is in
+    the SamplingParams the engine gets."""
+    from dsv3.serve.limits import Limits
+    from dsv3.serve.prepare import SAMPLED_BY_NAME, Preparer
+    from dsv3.serve.protocol import ResponsesRequest
+    from dsv3.serve.responses import chat_spec
+    values = {"temperature": 0.5, "top_k": 2, "top_p": 0.5, "min_p": 0.25, "presence_penalty": 1.0,
+              "frequency_penalty": -1.0, "repetition_penalty": 1.5, "ignore_eos": True, "logit_bias": {"3": 1.5}}
+    assert set(values) == SAMPLED_BY_NAME, f"give {SAMPLED_BY_NAME ^ set(values)} a request value here"
+    prep = Preparer(llm, "m", Limits())
+    try:
+        chat = prep.chat_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 4, **values}).encode())[1]
+        comp = prep.completion_request(json.dumps({"model": "m", "prompt": "x", "max_tokens": 4, **values}).encode())[1]
+        resp = prep.chat_job(chat_spec(parse_body(json.dumps({"model": "m", "input": "x", "max_output_tokens": 4,
+                                                               **values}).encode(), ResponsesRequest)))
+    finally:
+        prep.close()
+    for job in (chat, comp, resp):
+        for name, value in values.items():
+            assert getattr(job.params[0], name) == ({3: 1.5} if name == "logit_bias" else value), name
 
 
 def test_logit_bias_in_sampling_matches_a_hand_computation():

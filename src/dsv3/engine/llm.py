@@ -20,10 +20,10 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .paged_cache import PagedLatentCache
 from .runner import ModelRunner
-from .sampling import (SamplingParams, greedy_verify, penalty_inputs, probs_after_processing, rejection_sample,
-                       sample)
+from .sampling import SamplingParams, penalty_inputs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculation import MTPSpeculator, stats_of
 from .weight_layout import column_major_linears
 
 
@@ -61,12 +61,15 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 1024, max_model_len: int = 2048,
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
                  num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False,
-                 compile: bool = False, quantize: str | None = None):
+                 compile: bool = False, quantize: str | None = None, adapter: str | Path | None = None):
+        from ..train.lora import is_adapter_dir, merge_adapter  # adapter: a LoRA (PEFT layout) merged in at load
+        if not isinstance(model, Transformer) and is_adapter_dir(model):
+            raise ValueError(f"{model} is a LoRA adapter: give its base model as the model and this as adapter=")
         if quantize is not None and keep_fp8:
             raise ValueError("quantize and keep_fp8 are two ways of storing the same weights: choose one")
         self.quantization = None  # the summary of quantize_weight_only, when quantized
         if isinstance(model, Transformer):
-            self.model = model.eval()
+            self.model = model.eval() if adapter is None else merge_adapter(model, adapter).eval()
             if quantize is not None:  # in place: the caller's model gets the quantized layers
                 self.quantization = _quantize(self.model, quantize)
         else:
@@ -76,6 +79,8 @@ class LLM:
             # keep_fp8: FP8 checkpoint weights stay float8_e4m3fn + scales (dsv3.quant), half of bf16
             load = load_pretrained_fp8 if keep_fp8 else load_pretrained
             self.model = load(model, dtype=resolve_dtype(dtype, device) or "float32", device=device)
+            if adapter is not None:
+                merge_adapter(self.model, adapter)
             if quantize is not None:
                 self.quantization = _quantize(self.model, quantize)
             if self.model.embed_tokens.weight.device.type == "cpu":
@@ -103,6 +108,8 @@ class LLM:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
+        self.speculator = (MTPSpeculator(self.runner, self.block_manager, self.num_spec, max_model_len)
+                           if self.num_spec else None)
         # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
         # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
         # compile: the same static-shape steps through torch.compile (the first step of each bucket
@@ -113,10 +120,8 @@ class LLM:
             self.runner.graphs = CUDAGraphDecoder(self.model, self.cache, max_num_seqs, max_model_len,
                                                   capture=self.device.type == "cuda", compile=compile,
                                                   max_query_len=1 + self.num_spec)
-        self._spec_counts = {"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0}
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(seed)
-        self._stop_text: dict[int, str] = {}     # output text cut at a stop string
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -133,6 +138,8 @@ class LLM:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> Sequence:
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass LLM(..., tokenizer=...) or use stop_token_ids")
         ids = self.encode(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -174,7 +181,7 @@ class LLM:
         if drafted:  # one head call for every draft-carrying sequence: rows after the last token and each draft
             logits = self.runner.logits(torch.cat([h[n - 1:] for _, n, h in drafted]))
             for (seq, n, h), lg in zip(drafted, logits.split([len(s.draft) + 1 for s, _, _ in drafted])):
-                accepted = self._verify(seq, lg)
+                accepted = self.speculator.verify(seq, lg)
                 self._computed(seq, n + len(accepted) - 1, h[: n + len(accepted) - 1])
                 self._append(seq, accepted)
                 advanced.append(seq)
@@ -185,7 +192,7 @@ class LLM:
             if any(s.params.logits_processors for s in seqs):   # per-request processors (e.g. grammar masks)
                 logits = torch.stack([_apply_processors(s, row) for s, row in zip(seqs, logits)])
             counts = mask = None
-            if any(_uses_penalty(p) for p in params):
+            if any(p.uses_penalties for p in params):
                 counts, mask = penalty_inputs([s.prompt for s in seqs], [s.output for s in seqs],
                                               logits.shape[-1], device=self.device)
             out = sample(logits, params, [s.generator for s in seqs], counts, mask)
@@ -198,8 +205,8 @@ class LLM:
         for seq, _ in batch:
             if not seq.finished:
                 self.block_manager.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_computed)
-        if self.num_spec:
-            self._draft([s for s in advanced if not s.finished])
+        if self.speculator is not None:
+            self.speculator.draft([s for s in advanced if not s.finished])
         return advanced
 
     def _computed(self, seq: Sequence, n: int, h: torch.Tensor) -> None:
@@ -214,67 +221,13 @@ class LLM:
             if seq.finished:
                 return
 
-    # ------------------------------------------------------------------ MTP speculative decoding
-    def _spec_ok(self, seq: Sequence) -> bool:
-        # Penalties change the distribution token by token and logprobs are reported per sampled
-        # token; such requests decode one token at a time.
-        return (not _uses_penalty(seq.params) and seq.params.logprobs is None and not seq.params.logits_processors
-                and not seq.params.logit_bias)      # drafts and greedy verification don't see the bias
-
-    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        """logits [k+1, V] of the main model after the last token and each draft -> tokens to emit."""
-        k = len(seq.draft)
-        if seq.params.greedy:
-            out = greedy_verify(seq.draft, logits)
-        else:
-            target = probs_after_processing(logits, [seq.params] * (k + 1))
-            out = rejection_sample(seq.draft, seq.draft_probs, target, seq.generator)
-        st = self._spec_counts
-        st["drafted"] += k
-        st["accepted"] += len(out) - 1
-        st["verify_steps"] += 1
-        st["emitted"] += len(out)
-        seq.draft, seq.draft_probs = [], None
-        return out
-
-    def _draft(self, seqs: list[Sequence]) -> None:
-        """Catch the MTP module up on every new position, then draft ``num_spec`` tokens recursively."""
-        seqs = [s for s in seqs if self._spec_ok(s) and len(s) + self.num_spec <= self.max_model_len
-                and self.block_manager.grow(s.block_table, len(s) + self.num_spec)]
-        if not seqs:
-            return
-        # Depth-1 input at position i is (h_i, token i+1): all known up to num_computed - 1.
-        items = [(s.tokens[s.mtp_computed + 1: s.num_computed + 1], s.mtp_computed, s.block_table) for s in seqs]
-        hs = [torch.cat(s.pending_hidden) for s in seqs]
-        outs = self.runner.forward_mtp(items, hs)
-        last = torch.stack([o[-1] for o in outs])                              # [B, D]
-        for s in seqs:
-            s.mtp_computed = s.num_computed
-            s.pending_hidden.clear()
-        drafts: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        for j in range(self.num_spec):
-            logits = self.runner.mtp_logits(last)                              # [B, V]
-            for i, s in enumerate(seqs):
-                if s.params.greedy:
-                    drafts[i].append(int(logits[i].argmax()))
-                else:
-                    q = probs_after_processing(logits[i:i + 1], [s.params])[0]
-                    drafts[i].append(int(torch.multinomial(q, 1, generator=s.generator)))
-                    probs[i].append(q)
-            if j + 1 < self.num_spec:  # reuse the module on its own output and the token it drafted
-                items = [([d[-1]], s.num_computed + j, s.block_table) for s, d in zip(seqs, drafts)]
-                last = torch.stack([o[-1] for o in self.runner.forward_mtp(items, list(last[:, None]))])
-        for s, d, p in zip(seqs, drafts, probs):
-            s.draft = d
-            s.draft_probs = torch.stack(p) if p else None
-
     @property
     def spec_stats(self) -> dict:
-        """Drafted/accepted counts, acceptance rate and mean tokens emitted per verification step."""
-        st = self._spec_counts
-        return {**st, "acceptance_rate": st["accepted"] / st["drafted"] if st["drafted"] else None,
-                "mean_accepted_length": st["emitted"] / st["verify_steps"] if st["verify_steps"] else None}
+        """MTP speculation: drafted/accepted counts, acceptance rate and mean tokens emitted per
+        verification step (all zero without speculation)."""
+        if self.speculator is None:
+            return stats_of({"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0})
+        return self.speculator.stats
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -282,20 +235,17 @@ class LLM:
         if (tok == eos and not p.ignore_eos) or tok in p.stop_token_ids:
             self.scheduler.finish(seq, "stop")
             return
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-            hits = [text.find(s) for s in p.stop if s and s in text]
-            if hits:
-                self._stop_text[seq.seq_id] = text[: min(hits)]
-                self.scheduler.finish(seq, "stop")
-                return
+        if p.stop and seq.match_stop(self.tokenizer):
+            self.scheduler.finish(seq, "stop")
+            return
         if len(seq.output) >= p.max_tokens:
             self.scheduler.finish(seq, "length")
 
     def output_of(self, seq: Sequence) -> RequestOutput:
-        text = self._stop_text.get(seq.seq_id)
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        """The request's output so far (its text cut before the stop string that ended it, if one did)."""
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)[:seq.stop_text_len]
         return RequestOutput(seq.seq_id, list(seq.prompt), list(seq.output), text, seq.finish_reason,
                              list(seq.logprobs), list(seq.top_logprobs))
 
@@ -331,6 +281,3 @@ def _apply_processors(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
         logits = proc(seq.output, logits)
     return logits
 
-
-def _uses_penalty(p: SamplingParams) -> bool:
-    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -30,7 +30,14 @@ import torch
 # float32 logits into inf/NaN while the distribution is already a point mass for any practical purpose.
 GREEDY_TEMPERATURE = 1e-5
 
-LogprobsMode = Literal["raw", "processed"]
+# The SamplingParams fields :func:`sample` need not read for a greedy row: greedy decoding ignores the
+# temperature and the filters by definition, and the engine acts on the others itself (length, stops,
+# the seed of the request's generator, the logits processors it runs before ``sample``). A greedy
+# row whose every other field holds its default is a plain argmax (``SamplingParams.plain_argmax``,
+# sample's shortcut). A new field is not in this set, so setting it turns the shortcut off rather
+# than being ignored there.
+ARGMAX_IGNORES = frozenset({"temperature", "top_k", "top_p", "min_p", "max_tokens", "stop", "stop_token_ids",
+                            "ignore_eos", "seed", "logits_processors"})
 
 
 @dataclass
@@ -61,7 +68,6 @@ class SamplingParams:
             batch; ``None`` draws from the engine's global stream.
         logprobs: ``None``: no log-probabilities requested; ``0``: only the sampled token's; ``n > 0``:
             also the ``n`` most likely alternatives at every step (OpenAI caps this at 20; we do not).
-        n: number of completions to return for the prompt, ``>= 1``.
         logits_processors: callables ``f(output_token_ids, logits) -> logits`` applied in order to
             this request's next-token logits ``[V]`` before penalties and sampling (e.g. a grammar's
             token mask: disallowed tokens set to ``-inf``). A request with processors is never given
@@ -84,7 +90,6 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
-    n: int = 1
     logits_processors: Sequence[Callable] = ()
     logit_bias: Mapping[int, float] | None = None
 
@@ -124,8 +129,6 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, numbers.Integral) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {self.logprobs}")
-        if not isinstance(self.n, numbers.Integral) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n}")
         if self.seed is not None and not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be None or an int, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -139,12 +142,19 @@ class SamplingParams:
         """Whether this request decodes by argmax (temperature 0)."""
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any of the repetition, frequency or presence penalties is on (the one rule for it)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The request's own generator, seeded from ``params.seed``; ``None`` when it has no seed."""
-    if params.seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(params.seed)
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy with every field outside :data:`ARGMAX_IGNORES` at its default: the next token is
+        the argmax of the raw logits and nothing else is asked for."""
+        return self.greedy and all(getattr(self, name) == default for name, default in _ARGMAX_DEFAULTS.items())
+
+
+_ARGMAX_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name not in ARGMAX_IGNORES}
 
 
 def penalty_inputs(prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]], vocab_size: int,
@@ -220,8 +230,8 @@ class SampleOutput:
 
     Attributes:
         token_ids: ``[B]`` int64, the chosen token of each row.
-        logprobs: ``[B]`` float32, log-probability of that token (raw or processed distribution,
-            see :func:`sample`).
+        logprobs: ``[B]`` float32, log-probability of that token under the model's own distribution
+            (see :func:`sample`).
         top_logprobs: per row, ``None`` when the request did not ask for logprobs, else the
             ``params.logprobs`` most likely ``(token_id, logprob)`` pairs, most likely first
             (empty for ``logprobs=0``).
@@ -255,9 +265,7 @@ def _process(logits: torch.Tensor, params: Sequence[SamplingParams], output_toke
     if any(p.logit_bias for p in params):
         logits = apply_logit_bias(logits, params)       # on the raw logits, before penalties (as vLLM)
 
-    needs_penalty = any(p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-                        for p in params)
-    if needs_penalty:
+    if any(p.uses_penalties for p in params):
         if output_token_counts is None or prompt_mask is None:
             raise ValueError("a request uses penalties: pass output_token_counts and prompt_mask")
         penalized = apply_penalties(
@@ -382,8 +390,7 @@ def _top_logprobs(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> l
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           output_token_counts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-           logprobs_mode: LogprobsMode = "raw") -> SampleOutput:
+           output_token_counts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> SampleOutput:
     """Pick one token per row of a batch whose rows belong to different requests.
 
     Args:
@@ -394,11 +401,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
             leave it untouched.
         output_token_counts, prompt_mask: ``[B, V]`` inputs of :func:`apply_penalties`; needed only
             when some row uses a penalty.
-        logprobs_mode: ``"raw"`` (the default, like vLLM and OpenAI) reports log-probabilities under
-            the model's own distribution, ``log_softmax(logits)``, before penalties, temperature and
-            filters. ``"processed"`` reports them under the distribution actually sampled from
-            (``log`` of :func:`probs_after_processing`, ``-inf`` for filtered tokens); for greedy rows
-            that is ``log_softmax`` of the penalized logits, since a one-hot would say nothing.
+
+    Log-probabilities are those of the model's own distribution, ``log_softmax(logits)``, before
+    logit bias, penalties, temperature and filters (vLLM's and OpenAI's "raw" logprobs).
 
     The draw is the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d.: the winner is token
     ``i`` with probability exactly ``p_i``, and the noise for a seeded row comes only from its own
@@ -406,12 +411,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     """
     if len(generators) != len(params):
         raise ValueError(f"need one generator (or None) per row: {len(generators)} != {len(params)}")
-    if logprobs_mode not in ("raw", "processed"):
-        raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
-    if all(p.greedy and p.logprobs is None and not p.logit_bias
-           and not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1) for p in params):
-        # Plain greedy rows: the argmax is the answer, no softmax or sort over the vocabulary. Both
-        # logprob modes agree here (no penalty, greedy ignores temperature and filters).
+    if all(p.plain_argmax for p in params):
+        # Plain greedy rows: the argmax is the answer, no softmax or sort over the vocabulary.
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [B, V] with B == len(params) == {len(params)}, got {tuple(logits.shape)}")
         logits = logits.float()
@@ -428,38 +429,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     else:
         token_ids = proc.penalized.argmax(dim=-1)
 
-    if logprobs_mode == "raw":
-        logprob_table = logits.float().log_softmax(dim=-1)
-    else:
-        logprob_table = torch.where(proc.greedy.unsqueeze(1), proc.penalized, proc.filtered).log_softmax(dim=-1)
+    logprob_table = logits.float().log_softmax(dim=-1)
     chosen = logprob_table.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
     return SampleOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=_top_logprobs(logprob_table, params))
-
-
-class Sampler:
-    """The engine's sampler: :func:`sample` with a fixed logprobs mode.
-
-    Args:
-        logprobs_mode: ``"raw"`` (model distribution, vLLM's default) or ``"processed"``
-            (the distribution after penalties, temperature and filters).
-    """
-
-    def __init__(self, logprobs_mode: LogprobsMode = "raw") -> None:
-        if logprobs_mode not in ("raw", "processed"):
-            raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
-        self.logprobs_mode = logprobs_mode
-
-    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None], output_token_counts: torch.Tensor | None = None,
-                 prompt_mask: torch.Tensor | None = None) -> SampleOutput:
-        """Sample one token per row; see :func:`sample`."""
-        return sample(logits, params, generators, output_token_counts, prompt_mask, self.logprobs_mode)
-
-    @staticmethod
-    def probs(logits: torch.Tensor, params: Sequence[SamplingParams], output_token_counts: torch.Tensor | None = None,
-              prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final ``[B, V]`` sampling distribution; see :func:`probs_after_processing`."""
-        return probs_after_processing(logits, params, output_token_counts, prompt_mask)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -24,7 +24,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None          # "stop" | "length"
+    finish_reason: str | None = None          # "stop" | "length" | "abort"
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_computed: int = 0                     # tokens whose latents are in the cache
@@ -38,6 +38,16 @@ class Sequence:
     draft_probs: torch.Tensor | None = None
     mtp_computed: int = 0
     pending_hidden: list[torch.Tensor] = field(default_factory=list)
+    # Stop strings, matched on the output text as it grows (:meth:`match_stop`). The text is decoded
+    # incrementally: output[text_from:text_upto] is the lookback window the next tokens' text is diffed
+    # against (byte-level BPE splits a character across tokens; a decoder may render a token
+    # differently at the start of a text). Only the last (longest stop - 1) characters of the text
+    # so far are kept: a new match must end in the new text.
+    text_from: int = 0
+    text_upto: int = 0
+    text_len: int = 0                         # characters of output text decoded so far
+    text_tail: str = ""
+    stop_text_len: int | None = None          # a stop string ended the output: the text before it is this long
 
     def reset_cache_state(self) -> None:
         """Forget everything cached (preemption): it will all be recomputed."""
@@ -45,6 +55,25 @@ class Sequence:
         self.pending_hidden.clear()
         self.draft = []
         self.draft_probs = None
+
+    def match_stop(self, tokenizer) -> bool:
+        """Decode the output tokens not yet decoded and look for the request's stop strings in the new
+        text (and the tail that a match ending there can start in); True, with :attr:`stop_text_len`
+        set, when one matched. Tokens that end inside a UTF-8 character are decoded again next time."""
+        head = tokenizer.decode(self.output[self.text_from:self.text_upto], skip_special_tokens=True)
+        chunk = tokenizer.decode(self.output[self.text_from:], skip_special_tokens=True)[len(head):]
+        settled = not chunk.endswith("\ufffd")
+        text = self.text_tail + (chunk if settled else chunk.rstrip("\ufffd"))
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.stop_text_len = self.text_len - len(self.text_tail) + min(hits)
+            return True
+        if settled:
+            keep = max(map(len, self.params.stop)) - 1
+            self.text_len += len(chunk)
+            self.text_tail = text[-keep:] if keep else ""
+            self.text_from, self.text_upto = self.text_upto, len(self.output)
+        return False
 
     @property
     def tokens(self) -> list[int]:

@@ -405,19 +405,20 @@ class Server:
         ids = [[] for _ in gens]
         lps: list[list] = [[] for _ in gens]
         finish: list[str | None] = [None] * len(gens)
+        cuts: list[int | None] = [None] * len(gens)           # where the engine found a stop string
         try:
             async for tag, delta in self.deltas(gens, out, request):
                 raise_engine_error(delta)
                 ids[tag] += delta.token_ids
                 lps[tag] += self.logprob_entries(delta) if gens[tag].params.logprobs is not None else []
-                finish[tag] = delta.finish_reason
+                finish[tag], cuts[tag] = delta.finish_reason, delta.stop_text_len
         except ClientGone:
             return Response(status_code=499)
         except ShuttingDown:
             raise shutting_down() from None
         choices = []
         for i, parser in enumerate(job.parsers):
-            parser.update(ids[i], final=True)
+            parser.update(ids[i], final=True, cut=cuts[i])
             message: dict[str, Any] = {"role": "assistant", "content": parser.content}
             if job.thinking:
                 message["reasoning_content"] = parser.reasoning
@@ -450,7 +451,7 @@ class Server:
                     break
                 ids[tag] += delta.token_ids
                 final = delta.finish_reason is not None
-                part = job.parsers[tag].update(ids[tag], final=final)
+                part = job.parsers[tag].update(ids[tag], final=final, cut=delta.stop_text_len)
                 d: dict[str, Any] = {}
                 if part.reasoning:
                     d["reasoning_content"] = part.reasoning
@@ -516,6 +517,7 @@ class Server:
         ids = [[] for _ in range(n)]
         lps = [self._completion_logprobs() for _ in range(n)]
         finish: list[str | None] = ["length"] * n
+        cuts: list[int | None] = [None] * n                   # where the engine found a stop string
         try:
             if job.score:
                 scores = await self.scores(job.prompts, req.logprobs, request)
@@ -525,7 +527,7 @@ class Server:
                     raise_engine_error(delta)
                     ids[tag] += delta.token_ids
                     self._add_logprobs(lps[tag], delta.token_ids, delta.logprobs, delta.top_logprobs)
-                    finish[tag] = delta.finish_reason
+                    finish[tag], cuts[tag] = delta.finish_reason, delta.stop_text_len
         except ClientGone:
             if gens:
                 self.engine.cancel(gens)
@@ -536,7 +538,7 @@ class Server:
             raise shutting_down() from None
         choices = []
         for i, parser in enumerate(job.parsers):
-            parser.update(ids[i], final=True)
+            parser.update(ids[i], final=True, cut=cuts[i])
             lps[i].pop("_offset", None)
             choices.append({"index": i, "text": job.echo[i] + parser.content, "finish_reason": finish[i],
                             "logprobs": lps[i] if req.logprobs is not None else None})
@@ -573,7 +575,7 @@ class Server:
                         break
                     ids[tag] += delta.token_ids
                     final = delta.finish_reason is not None
-                    text = job.parsers[tag].update(ids[tag], final=final).content
+                    text = job.parsers[tag].update(ids[tag], final=final, cut=delta.stop_text_len).content
                     lp = None
                     if req.logprobs is not None and delta.token_ids:
                         lp = {**self._completion_logprobs(), **offsets[tag]}

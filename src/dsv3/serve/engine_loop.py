@@ -53,6 +53,9 @@ class Delta:
     top_logprobs: list
     finish_reason: str | None = None
     error: str | None = None
+    # A stop string ended the generation: the length of the output text before it (the engine
+    # matched it; the reply parsers cut there and look for no stop string themselves).
+    stop_text_len: int | None = None
 
 
 @dataclass
@@ -270,11 +273,10 @@ class EngineLoop:
             want_lp = seq.params.logprobs is not None
             delta = Delta(list(toks), list(seq.logprobs[sent:]) if want_lp else [],
                           list(seq.top_logprobs[sent:]) if want_lp else [],
-                          seq.finish_reason if seq.finished else None)
+                          seq.finish_reason if seq.finished else None, stop_text_len=seq.stop_text_len)
             self._send(gen, delta)
             if seq.finished:
                 del self._live[seq.seq_id]
-                self.llm._stop_text.pop(seq.seq_id, None)      # the server cuts stop strings itself
                 self.metrics.latency.observe(now - gen.created)
                 self._release()
         self._update_gauges(new_tokens)

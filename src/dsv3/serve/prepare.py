@@ -31,15 +31,23 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, limit_
 from .schema import check_schema
 from .tools import ChatOutputParser, check_tools, normalize_messages, tool_choice_of
 
-# SamplingParams fields the server sets itself (per request or per choice), never by name.
-SERVER_SET = frozenset({"max_tokens", "stop", "stop_token_ids", "logprobs", "seed", "n", "logits_processors"})
+# SamplingParams fields the server sets itself, and why; every other field is taken from the request
+# by name (:func:`sampling_fields`), and the tests hold each request model to having it.
+SERVER_SET = {
+    "max_tokens": "checked against the context; max_completion_tokens and max_output_tokens name it too",
+    "stop": "a string or a list in the request; the reply parsers hold back text by its lengths",
+    "stop_token_ids": "the chat's end-of-turn ids, from the tokenizer",
+    "logprobs": "logprobs plus top_logprobs in chat, logprobs=N in completions",
+    "seed": "seed + choice index, so the n choices of one request differ",
+    "logits_processors": "the grammar of response_format or a forced tool_choice",
+}
+SAMPLED_BY_NAME = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - SERVER_SET.keys()
 
 
 def sampling_fields(req: Any) -> dict:
-    """The request's values of the :class:`SamplingParams` fields it has a same-named field for
+    """The request's values of the :class:`SamplingParams` fields in :data:`SAMPLED_BY_NAME`
     (``None`` values left out, so the engine's defaults apply)."""
-    names = {f.name for f in dataclasses.fields(SamplingParams)} - SERVER_SET
-    return {n: getattr(req, n) for n in names if n in type(req).model_fields and getattr(req, n) is not None}
+    return {n: getattr(req, n) for n in SAMPLED_BY_NAME if n in type(req).model_fields and getattr(req, n) is not None}
 
 
 @dataclass

@@ -214,18 +214,18 @@ class ResponsesAPI:
             return StreamingResponse(self._stream(req, job, gens, out, request, rid, created),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         ids: list[int] = []
-        reason = None
+        reason = cut = None
         try:
             async for _, delta in server.deltas(gens, out, request):
                 raise_engine_error(delta)
                 ids += delta.token_ids
-                reason = delta.finish_reason or reason
+                reason, cut = delta.finish_reason or reason, delta.stop_text_len
         except ClientGone:
             return Response(status_code=499)
         except ShuttingDown:
             raise shutting_down() from None
         parser = job.parsers[0]
-        parser.update(ids, final=True)
+        parser.update(ids, final=True, cut=cut)     # cut: where the engine found a stop string
         shell = self._shell(req, job, rid, created)
         if job.thinking and parser.reasoning:
             shell["output"].append({"type": "reasoning", "id": _new_id("rs"), "status": "completed", "summary": [],
@@ -302,7 +302,7 @@ class ResponsesAPI:
                     return
                 ids += delta.token_ids
                 reason = delta.finish_reason or reason
-                part = parser.update(ids, final=delta.finish_reason is not None)
+                part = parser.update(ids, final=delta.finish_reason is not None, cut=delta.stop_text_len)
                 for kind, piece in (("reasoning", part.reasoning), ("message", part.content)):
                     if not piece:
                         continue

@@ -218,7 +218,8 @@ class ChatOutputParser:
             ids form a tool-call block whose calls to these functions become ``tool_calls`` (calls
             to other names are dropped). Empty or None: no block is parsed (its ids are skipped
             like other special ids and its text stays content).
-        stop: stop strings; the content is cut before the first one.
+        stop: the request's stop strings. The engine finds them (:meth:`update` gets where); here
+            they only set how much text is held back while streaming.
 
     :meth:`update` takes all ids generated so far and whether generation is over; it re-reads the
     whole list each time (replies are short next to a forward pass), holding back what could still
@@ -230,8 +231,7 @@ class ChatOutputParser:
                  stop: list[str] | None = None):
         self.tokenizer, self.thinking = tokenizer, thinking
         self.tool_names = frozenset(tool_names or ())
-        self.stop = list(stop or [])
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._hold = max((len(s) for s in stop or ()), default=1) - 1
         self._special = tokenizer.special_ids
         self._think_end = tokenizer.token_id(THINK_END)
         t = tokenizer.token_id
@@ -273,7 +273,7 @@ class ChatOutputParser:
                 out.append(call)
         return out
 
-    def _parts(self, ids: list[int], final: bool) -> tuple[str, str, list[tuple[str, str]], bool]:
+    def _parts(self, ids: list[int], final: bool, stop_at: int | None) -> tuple[str, str, list[tuple[str, str]], bool]:
         if self.thinking:
             if self._think_end in ids:
                 cut = ids.index(self._think_end)
@@ -284,22 +284,30 @@ class ChatOutputParser:
             reasoning_ids, rest = [], ids
         block: list[int] = []
         if self.tool_names and self._calls_begin in rest:
-            cut = rest.index(self._calls_begin)
-            rest, block = rest[:cut], rest[cut + 1:]
+            at = rest.index(self._calls_begin)
+            rest, block = rest[:at], rest[at + 1:]
         reasoning, content = self._text(reasoning_ids, final), self._text(rest, final)
-        stopped = False
-        hits = [content.find(s) for s in self.stop if s in content]
-        if hits:
-            content, stopped = content[: min(hits)], True
-        elif not final and self._hold and not block:
-            content = content[: max(0, len(content) - self._hold)]   # might be the start of a stop string
-        return reasoning, content, self._calls(block) if block and not stopped else [], stopped
+        # The engine's output text is the reasoning's text followed by the content's (then the
+        # block's): `stop_at` counts characters of it.
+        shown = len(reasoning) + len(content)
+        stopped = stop_at is not None
+        if not stopped and not final and self._hold and not block:
+            stop_at = max(0, shown - self._hold)       # might be the start of a stop string: wait
+        if stop_at is not None:
+            reasoning, content = reasoning[:stop_at], content[:max(0, stop_at - len(reasoning))]
+        # Calls count unless the stop string came before the block.
+        calls = self._calls(block) if block and not (stopped and stop_at < shown) else []
+        return reasoning, content, calls, stopped
 
-    def update(self, ids: list[int], final: bool = False) -> ReplyDelta:
-        """The new reasoning/content text and newly completed tool calls since the last call."""
+    def update(self, ids: list[int], final: bool = False, cut: int | None = None) -> ReplyDelta:
+        """The new reasoning/content text and newly completed tool calls since the last call.
+
+        ``cut``: a stop string ended the generation this many characters into its text (the
+        engine's ``stop_text_len``); the reply ends there.
+        """
         if self.stopped:
             return ReplyDelta()
-        reasoning, content, calls, stopped = self._parts(ids, final)
+        reasoning, content, calls, stopped = self._parts(ids, final, cut)
         delta = ReplyDelta()
         if len(reasoning) > len(self.reasoning) and reasoning.startswith(self.reasoning):
             delta.reasoning, self.reasoning = reasoning[len(self.reasoning):], reasoning
