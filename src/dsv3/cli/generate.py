@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="model directory: config.json, safetensors weights and (unless --tokenizer) tokenizer.json")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="directory (or file) of the tokenizer.json (default: the model directory)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter for --model (PEFT layout, e.g. OUT/final of `dsv3 sft --lora-rank`), "
+                        "merged into the weights at load")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="speculative decoding: the model's MTP module drafts tokens, the main model verifies them "
                         "(the output distribution is unchanged)")
@@ -56,7 +59,7 @@ def _load_llm(args: argparse.Namespace, tokenizer, max_num_seqs: int, max_model_
         kwargs = {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
     with reported(ValueError):
         return LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=max_num_seqs,
-                   max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, **kwargs,
+                   max_model_len=max_model_len, seed=getattr(args, "seed", None) or 0, adapter=args.adapter, **kwargs,
                    **engine_speed_kwargs(args))
 
 

@@ -12,6 +12,7 @@ from .fields import add_dataclass_args, from_args
 
 def register(subparsers) -> None:
     _add_sft(subparsers)
+    _add_merge_lora(subparsers)
     _add_grpo(subparsers)
     _add_distill(subparsers)
 
@@ -49,6 +50,41 @@ def cmd_sft(args: argparse.Namespace) -> int:
     with reported(SFTError, ChatDataError):
         summary = sft(cfg, resume=resume, max_steps=args.max_steps)
     print(format_sft_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------- merge-lora
+def _add_merge_lora(subparsers) -> None:
+    p = add_command(subparsers, "merge-lora", cmd_merge_lora, help="fold a LoRA adapter into its base: a plain HF checkpoint",
+                    description="Load BASE (an HF-layout checkpoint), apply the LoRA adapter in ADAPTER (PEFT layout: "
+                                "adapter_config.json + adapter_model.safetensors, e.g. OUT/final of `dsv3 sft "
+                                "--lora-rank R`), fold it into the weights (W + alpha/r * B A, summed in fp32) and "
+                                "write the merged model to OUT in the base's dtype, with the tokenizer (the "
+                                "adapter's if it has one, else the base's). OUT then loads anywhere the base does.")
+    p.add_argument("base", metavar="BASE", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", metavar="ADAPTER", help="the adapter directory")
+    p.add_argument("out", metavar="OUT", help="where to write the merged checkpoint (a new or empty directory)")
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError, load_pretrained, save_pretrained
+    from ..tokenizer import Tokenizer, TokenizerError
+    from ..train.lora import LoRAError, merge_adapter, read_adapter_config
+    require_dir(args.base, "BASE")
+    base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
+    with reported(LoRAError):
+        read_adapter_config(adapter)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"OUT {out} exists and is not empty; give a new directory")
+    with reported(CheckpointError, LoRAError):
+        model = merge_adapter(load_pretrained(base), adapter)
+    with reported(TokenizerError):
+        tokenizer = Tokenizer.load(adapter if (adapter / "tokenizer.json").is_file() else base)
+    save_pretrained(model, out)
+    tokenizer.save(out)
+    print(f"merged {adapter} into {base}: {out}")
     return 0
 
 

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                         "tokenizer.json")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="directory (or file) of the tokenizer.json (default: the model directory)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter for --model (PEFT layout, e.g. OUT/final of `dsv3 sft --lora-rank`), "
+                        "merged into the weights at load")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None,
@@ -95,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with reported(ValueError):
         llm = LLM(args.model, tokenizer=tokenizer, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                  num_blocks=args.num_blocks, seed=args.seed, **spec, **engine_speed_kwargs(args))
+                  num_blocks=args.num_blocks, seed=args.seed, adapter=args.adapter, **spec, **engine_speed_kwargs(args))
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     limits = limits_of(args)

@@ -70,6 +70,18 @@ class SFTConfig:
     seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
                                 type=nonneg_float)
     max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
+    # LoRA (train/lora.py): adapters on the frozen base; checkpoints and final/ hold the adapter only
+    lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning): train low-rank adapters on the frozen base; "
+                             "OUT/final is then a PEFT adapter for `--model BASE --adapter OUT/final`", type=int,
+                          metavar="R")
+    lora_alpha: float | None = knob(None, "LoRA alpha (the update is scaled by alpha / r; default 2 r)",
+                                    type=float)
+    lora_targets: str = knob("q,kv,o", "modules that get adapters, comma-separated: q (q_proj or q_a/q_b_proj), "
+                                       "kv (kv_a_proj_with_mqa, kv_b_proj), o (o_proj), shared (shared experts), "
+                                       "experts (every routed expert)", metavar="LIST")
+    lora_base_dtype: str = knob("fp32", "how the frozen base weights of adapted layers are stored: fp32, bf16, or "
+                                        "int8 per output channel (QLoRA-style)", choices=("fp32", "bf16", "int8"))
+    lora_dropout: float = knob(0.0, "dropout on the adapters' input", type=fraction)
     progress: bool = knob(True, "no live progress bar")
     device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
@@ -204,6 +216,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     term is its mean over the global batch's tokens, so the run means the same at any world size.
     """
     from ..checkpoint import load_pretrained
+    from ..train.state import weights_dir
     from ..tokenizer import Tokenizer, TokenizerError
     from .chat_data import RowBatches
 
@@ -220,7 +233,12 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
         tokenizer = Tokenizer.load(ckpt or base)
     except TokenizerError as e:
         raise SFTError(f"{e} (the base model directory must hold its tokenizer)") from None
-    model = load_pretrained(ckpt or base, dtype=torch.float32, device=device)
+    # a LoRA run's checkpoints hold the adapter only: the model always comes from the base
+    # a sharded (torchrun) checkpoint has no weights in its model directory: the base, then run.restore
+    model = load_pretrained(base if cfg.lora_rank else (weights_dir(ckpt) or base), dtype=torch.float32,
+                            device=device)
+    if cfg.lora_rank:
+        runner, cfg = use_lora(run, model, cfg, base, log)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SFTError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}")
     train_rows, val_rows, seq_len = load_chat_data(cfg, tokenizer, model.config.max_position_embeddings - 1)
@@ -271,9 +289,40 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
             "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
             "val_token_acc": last_eval.get("val_token_acc"),
             "plots": [str(p) for p in plots],
+            **({"lora_rank": cfg.lora_rank, "trainable_params": sum(p.numel() for g in optimizer.param_groups
+                                                                    for p in g["params"])} if cfg.lora_rank else {}),
         }
 
     return run.finish(summarize)
+
+
+def use_lora(run: Run, model, cfg: SFTConfig, base: Path, log) -> tuple:
+    """Make ``run`` a LoRA run: adapters on ``model`` (everything else frozen), checkpoints that hold
+    the adapter (:class:`~dsv3.train.lora.AdapterCheckpoints`); returns (runner, cfg).
+
+    The aux-loss-free bias update is switched off (``bias_update_rate`` 0 in the saved config): the
+    routers' bias belongs to the base, which the adapter is later applied to unchanged.
+    """
+    from ..train.lora import AdapterCheckpoints, LoRAError, apply_lora, lora_parameters
+    if cfg.lora_rank < 0:
+        raise SFTError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    if run.runner.world_size > 1:
+        raise SFTError("LoRA runs in one process for now; launch `dsv3 sft --lora-rank` without torchrun")
+    if getattr(cfg, "fp8", False):
+        raise SFTError("--fp8 and --lora-rank don't combine (FP8 training replaces the Linear layers LoRA wraps)")
+    try:
+        names = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base_dtype,
+                           cfg.lora_dropout)
+    except LoRAError as e:
+        raise SFTError(str(e)) from None
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    log(f"LoRA r={cfg.lora_rank} on {len(names)} modules ({cfg.lora_targets}; base {cfg.lora_base_dtype}): "
+        f"{trainable:,} trainable of {total:,} weights")
+    if cfg.bias_update_rate:
+        cfg = dataclasses.replace(cfg, bias_update_rate=0.0)
+    run.runner = AdapterCheckpoints(run.runner, str(base))
+    return run.runner, cfg
 
 
 def _sft_postfix(rec: dict, last_eval: dict) -> dict:
@@ -294,6 +343,8 @@ def format_sft_summary(s: dict) -> str:
         f"  train loss    {num(s['first_loss'], '.3f')} -> {num(s['last_loss'], '.3f')} (assistant tokens)",
         f"  val loss      {num(s['val_loss'], '.3f')} (ppl {num(s['val_ppl'], '.2f')}, "
         f"next-token acc {num(s['val_token_acc'], '.3f')})",
-        f"  chat model    {s['final']}   (dsv3 chat --model {s['final']})",
+        (f"  adapter       {s['final']}   LoRA r={s['lora_rank']}, {s['trainable_params']:,} trained weights "
+         f"(dsv3 chat --model {s['base_model']} --adapter {s['final']})" if s.get("lora_rank") else
+         f"  chat model    {s['final']}   (dsv3 chat --model {s['final']})"),
         f"  plots         {', '.join(s['plots']) or 'none'}",
     ])

@@ -90,6 +90,14 @@ def _model_save_id(model_dir: Path) -> str | None:
     """The save id in a model directory's weights, or None (no weights, unreadable, or no id)."""
     if not model_dir.is_dir():
         return None
+    adapter = model_dir / "adapter_model.safetensors"  # a LoRA run's checkpoint: the adapter (train/lora.py)
+    if adapter.is_file() and not (model_dir / "config.json").is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(adapter), framework="pt") as f:
+                return (f.metadata() or {}).get(SAVE_ID_KEY)
+        except Exception:  # truncated or corrupt: not a complete checkpoint
+            return None
     try:
         return weights_metadata(model_dir).get(SAVE_ID_KEY)
     except CheckpointError:
