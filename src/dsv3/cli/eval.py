@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from ..knobs import nonneg_float, positive_int
+from ..eval.passkey import DEFAULT_DEPTHS
+from ..knobs import int_list, nonneg_float, positive_int
 from .common import CLIError, add_command, add_device_arg, reported, require_dir, write_json
 from .post import task_names
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0): passkey depths, each within [0, 1]."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected one or more depths within [0, 1], got {text!r}")
+    return values
 
 
 def register(subparsers) -> None:
@@ -29,6 +43,18 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer length limit")
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy (deterministic)")
     p.add_argument("--seed", type=int, default=0, help="seed of windows, problems and sampling")
+    p.add_argument("--passkey", action="store_true",
+                   help="passkey retrieval (eval/passkey.py): a 5-digit key hidden at --depths of filler text, per "
+                        "--lengths; greedy accuracy and the key's log-prob rank among --candidates numbers")
+    p.add_argument("--lengths", type=int_list, default=(256, 512, 1024), metavar="N,N,...",
+                   help="passkey prompt lengths in tokens (default: 256,512,1024)")
+    p.add_argument("--depths", type=float_list, default=DEFAULT_DEPTHS, metavar="D,D,...",
+                   help="passkey needle depths, fractions of the filler (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--trials", type=positive_int, default=5, help="passkey prompts per length x depth (default: 5)")
+    p.add_argument("--candidates", type=positive_int, default=10,
+                   help="passkey: the key is ranked by log-prob among this many 5-digit numbers (default: 10)")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="passkey heat map (default: the --json path with .png, else none)")
     p.add_argument("--lm-eval-task", metavar="DIR", default=None,
                    help="write a local lm-eval task (YAML + JSONL of --num problems of the first --task, default "
                         "arithmetic) into DIR and exit")
@@ -54,7 +80,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(args.model)
     model = load_pretrained(args.model, dtype="float32", device=args.device)
     result: dict = {"model": args.model, "seed": args.seed}
-    if args.perplexity or not args.task:
+    if args.passkey:
+        from ..eval.passkey import format_passkey, passkey_eval, plot_passkey
+        with reported(ValueError):
+            r = passkey_eval(model, tokenizer, args.lengths, args.depths, args.trials, args.seed, args.candidates,
+                             progress=lambda msg: print(msg, file=sys.stderr))
+        print(format_passkey(r))
+        plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+        if plot:
+            r["plot"] = str(plot_passkey(r, plot, title=f"passkey: {args.model}"))
+            print(f"plot: {r['plot']}")
+        result["passkey"] = r
+    if args.perplexity or not (args.task or args.passkey):
         with reported(ValueError):
             tokens = heldout_tokens(tokenizer, args.data, max_tokens=args.max_text_tokens)
             result["perplexity"] = perplexity(model, tokens, args.seq_len, args.max_windows, seed=args.seed)
