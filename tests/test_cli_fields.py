@@ -142,8 +142,10 @@ def test_help_lists_every_field_with_its_default(capsys, monkeypatch, command, c
         text = blocks[flag]
         default = getattr(parsed, f.name)
         if isinstance(default, bool):
-            # switches show their own default (not given); a help text may show the setting instead
-            assert "(default: False)" in text or f": {default})" in text, text
+            # a switch shows the setting it controls when not given (--no-X: on), never argparse's
+            # raw False; a help text may show the setting itself instead (%(default)s)
+            assert f"(default: {'on' if default else 'off'})" in text or f": {default})" in text, text
+            assert "(default: False)" not in text, text
         elif default is not None:
             assert f"(default: {default})" in text, text
         elif f.default not in (None, dataclasses.MISSING):
@@ -221,7 +223,7 @@ def test_helper_spellings_defaults_and_round_trip():
     add_dataclass_args(q, Knobs, exclude={"extra"})
     text = " ".join(q.format_help().split())
     assert "a budget (default: 10)" in text and "(default: 10) (default" not in text
-    assert "skip the check (default: False)" in text and "go fast (default: False)" in text
+    assert "skip the check (default: on)" in text and "go fast (default: off)" in text
     with pytest.raises(SystemExit):
         p.parse_args(["--name", "c"])
 
@@ -257,3 +259,56 @@ def test_no_feature_package_imports_the_cli():
         if re.search(r"^\s*(from\s+(\.+|dsv3\.)cli\b|import\s+dsv3\.cli\b|from\s+\.+\s+import\s+cli\b)", text, re.M):
             offenders.append(str(path.relative_to(SRC)))
     assert offenders == ["__main__.py"]  # python -m dsv3 is the CLI's own entry point
+
+
+# ---------------------------------------------------------------------- switches' defaults, old spellings
+def test_help_shows_what_a_switch_does_and_the_effective_default(capsys, monkeypatch):
+    blocks = help_blocks(capsys, monkeypatch, ["sft"])
+    assert blocks["--no-progress"].endswith("no live progress bar (default: on)")   # the bar is on unless given
+    assert blocks["--compile"].endswith("(default: off)") and blocks["--tensorboard"].endswith("(default: off)")
+    for command in (["train"], ["sft"], ["grpo"], ["serve", "--model", "m"], ["distill"]):
+        for flag, text in help_blocks(capsys, monkeypatch, command[:1]).items():
+            assert "(default: False)" not in text and "(default: True)" not in text, (command, flag, text)
+    # every value flag shows its default too
+    for flag, text in help_blocks(capsys, monkeypatch, ["grpo"]).items():
+        assert "default" in text or "required" in text or flag in ("-h", "--resume"), (flag, text)
+
+
+def test_a_deprecated_alias_parses_like_the_flag_and_warns(capsys, monkeypatch):
+    parser = build_parser()
+    new = parser.parse_args(["grpo", "--max-steps", "7"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["grpo", "--steps", "7"])
+    assert "--steps is deprecated, use --max-steps" in capsys.readouterr().err
+    assert from_args(GRPOConfig, old) == from_args(GRPOConfig, new) == GRPOConfig(max_steps=7)
+    assert parser.parse_args(["grpo"]).max_steps is None       # not given: a resumed run keeps its budget
+    with pytest.raises(SystemExit):
+        parser.parse_args(["grpo", "--steps", "0"])           # the alias has the flag's value check
+    blocks = help_blocks(capsys, monkeypatch, ["grpo"])
+    assert "--steps" not in blocks and "(--steps: deprecated spelling)" in blocks["--max-steps"]
+
+    @dataclass
+    class Renamed:
+        fast: bool = knob(False, "go fast", aliases=("--quick",))
+        size: list[int] = knob(default_factory=list, help="sizes", aliases=("--sizes", "--dims"))
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, Renamed)
+    assert from_args(Renamed, p.parse_args(["--quick", "--dims", "1", "2"])) == Renamed(True, [1, 2])
+    assert "--quick is deprecated, use --fast" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="aliases"):
+        knob(1, "x", aliases="--x")                           # a bare string, not a tuple of flags
+    with pytest.raises(ValueError, match="aliases"):
+        knob(1, "x", aliases=("x",))
+
+
+def test_inherited_knobs_come_after_the_commands_own():
+    from dsv3.train.loop import LoopOptions
+    p = argparse.ArgumentParser()
+    added = add_dataclass_args(p, SFTConfig)
+    shared = [f.name for f in dataclasses.fields(LoopOptions)]
+    assert added[-len(shared):] == shared and added[0] == "model"
+    for cls in (TrainConfig, SFTConfig, GRPOConfig):              # declared once, shared by all three
+        assert issubclass(cls, LoopOptions)
+        assert {f.name: f for f in dataclasses.fields(cls)}["fp8"] is {f.name: f for f in
+                                                                       dataclasses.fields(LoopOptions)}["fp8"]

@@ -15,19 +15,26 @@ from typing import Any, Callable
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
          flag: str | None = None, type: Callable[[str], Any] | None = None, choices=None,
-         metavar: str | tuple[str, ...] | None = None, nargs: str | int | None = None) -> Any:
+         metavar: str | tuple[str, ...] | None = None, nargs: str | int | None = None,
+         aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field that is a CLI flag: ``dataclasses.field`` with the flag's help in its metadata.
 
     ``help`` may contain ``{default}``, replaced by the field's default (for flags whose command-line
     default is ``None``, so argparse cannot show it). The keyword arguments ``flag`` (default:
     ``--field-name``), ``type``, ``choices``, ``metavar`` and ``nargs`` go to ``add_argument``.
+    ``aliases`` are old spellings of the flag (``("--steps",)``): still accepted, with a deprecation
+    warning when used, and named as deprecated in the flag's help.
     """
     if not help:
         raise ValueError("a knob needs its help text")
+    if isinstance(aliases, str) or not all(isinstance(a, str) and a.startswith("--") for a in aliases):
+        raise ValueError(f"knob aliases must be a tuple of --flag spellings, got {aliases!r}")
     meta: dict[str, Any] = {"help": help}
     for key, value in (("flag", flag), ("type", type), ("choices", choices), ("metavar", metavar), ("nargs", nargs)):
         if value is not None:
             meta[key] = value
+    if aliases:
+        meta["aliases"] = tuple(aliases)
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 

@@ -57,15 +57,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every flag's default, except ``None`` defaults whose help text says what happens instead.
 
-    A ``--no-X`` switch (store_false) shows its own default, False (not given), as ``--X`` switches do,
-    rather than the True of the setting it turns off.
+    A switch shows the setting it controls when not given, not argparse's raw ``False``/``True``:
+    ``--compile ... (default: off)``, ``--no-progress ... (default: on)`` (the progress bar is on
+    unless the flag turns it off).
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None:
             return action.help
-        if action.nargs == 0 and action.const is False and "%(default)" not in (action.help or ""):
-            return f"{action.help} (default: {not action.default})"
+        if (action.nargs == 0 and isinstance(action.const, bool) and isinstance(action.default, bool)
+                and "%(default)" not in (action.help or "")):
+            return f"{action.help} (default: {'on' if action.default else 'off'})"
         return super()._get_help_string(action)
 
 

@@ -6,15 +6,18 @@ makes one flag per field, :func:`from_args` builds the config from the parsed na
 name. A field without help text is an error when the parser is built (so no knob is silently
 unreachable), unless the command excludes it and offers it some other way (``--model-set``).
 
-Flag forms: ``field_name`` -> ``--field-name``; a ``bool`` field that defaults to False is a switch
+Flags come in declaration order, the dataclass's own fields before those of its bases. Flag forms:
+``field_name`` -> ``--field-name``; a ``bool`` field that defaults to False is a switch
 ``--field-name``, one that defaults to True is ``--no-field-name``; a ``list[...]`` field takes one or
-more values; ``X | None`` parses as ``X``.
+more values; ``X | None`` parses as ``X``. A knob's ``aliases`` (old spellings) are accepted too:
+hidden from the usage line, named as deprecated in the flag's help, and a warning on stderr when used.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Iterable
@@ -57,7 +60,10 @@ def add_dataclass_args(parser, cls: type, *, exclude: Iterable[str] = (),
         raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
     added = []
-    for f in dataclasses.fields(cls):
+    # the command's own knobs first, then those it inherits (e.g. the training loop's LoopOptions)
+    own = set(vars(cls).get("__annotations__", {}))
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)  # stable: declaration order kept
+    for f in ordered:
         if f.name in exclude:
             continue
         meta = f.metadata
@@ -71,11 +77,17 @@ def add_dataclass_args(parser, cls: type, *, exclude: Iterable[str] = (),
             help_text = help_text.replace("{default}", "%(default)s" if default is not None else str(base))
         kind = _strip_optional(hints[f.name])
         flag = meta.get("flag")
+        aliases = meta.get("aliases", ())
+        if aliases:
+            help_text += f" ({', '.join(aliases)}: deprecated spelling{'s' if len(aliases) > 1 else ''})"
         if kind is bool:
             switch_on = not base  # the flag turns the default around
             flag = flag or ("--" if switch_on else "--no-") + f.name.replace("_", "-")
             parser.add_argument(flag, dest=f.name, action="store_true" if switch_on else "store_false",
                                 default=default, help=help_text)
+            for alias in aliases:
+                parser.add_argument(alias, dest=f.name, action=DeprecatedAlias, nargs=0, const=switch_on,
+                                    new_flag=flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             added.append(f.name)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
@@ -93,9 +105,30 @@ def add_dataclass_args(parser, cls: type, *, exclude: Iterable[str] = (),
         for key in ("choices", "metavar", "nargs"):
             if key in meta:
                 kwargs[key] = meta[key]
-        parser.add_argument(flag or "--" + f.name.replace("_", "-"), **kwargs)
+        flag = flag or "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, **kwargs)
+        for alias in aliases:  # the old spelling parses like the flag (same type, choices, nargs)
+            alias_kwargs = {k: v for k, v in kwargs.items() if k not in ("default", "help")}
+            parser.add_argument(alias, action=DeprecatedAlias, new_flag=flag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, **alias_kwargs)
         added.append(f.name)
     return added
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores like the flag (``const`` for a switch) and warns on stderr.
+
+    Its default is ``SUPPRESS`` (the flag itself sets the default) and it is hidden from ``--help``;
+    the flag's help names it as deprecated.
+    """
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
 def from_args(cls: type, args: argparse.Namespace, **values: Any):

@@ -100,9 +100,10 @@ def _add_grpo(subparsers) -> None:
                                 "REASONING</think>ANSWER. A user task is FILE.py[:function] or module[:function] "
                                 "with reward(prompt, completion) -> float and prompts (a `prompts` list, a "
                                 "`sample_prompt(rng)` function, or --prompts FILE).")
-    # --model not given stays None (required unless --resume); --steps too, so a resumed run keeps its budget.
-    add_dataclass_args(p, GRPOConfig, defaults_override={"model": None, "steps": None})
-    p.add_argument("--resume", metavar="DIR", default=None, help="continue the GRPO run in DIR (--steps may extend it)")
+    # --model not given stays None (required unless --resume); --max-steps too, so a resumed run keeps its budget.
+    add_dataclass_args(p, GRPOConfig, defaults_override={"model": None, "max_steps": None})
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the GRPO run in DIR (--max-steps may extend it)")
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
@@ -111,7 +112,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     if not resume and args.model is None:
         raise CLIError("--model DIR is required (or --resume DIR)")
     with reported(GRPOError, ValueError, TypeError):
-        summary = grpo(from_args(GRPOConfig, args), resume=resume, steps=args.steps)
+        summary = grpo(from_args(GRPOConfig, args), resume=resume, max_steps=args.max_steps)
     print(format_grpo_summary(summary))
     return 0
 

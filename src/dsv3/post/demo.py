@@ -100,7 +100,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         f"(format {stages['sft']['format_rate']:.3f})")
 
     t0 = time.perf_counter()
-    grpo_sum = grpo(GRPOConfig(model=sft_sum["final"], task=cfg.task, out=str(out / "grpo"), steps=cfg.grpo_steps,
+    grpo_sum = grpo(GRPOConfig(model=sft_sum["final"], task=cfg.task, out=str(out / "grpo"), max_steps=cfg.grpo_steps,
                                prompts_per_step=cfg.grpo_prompts, group_size=cfg.grpo_group,
                                max_new_tokens=cfg.max_new_tokens, lr=cfg.grpo_lr, kl_beta=cfg.kl_beta,
                                seed=cfg.seed, save_every=0, eval_every=0, eval_problems=0,

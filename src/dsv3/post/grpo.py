@@ -22,20 +22,30 @@ holds latents computed with the weights of the time; after an update they are st
 builds a fresh engine (cheap: a block table and an empty cache) around the updated module -- no block
 from an earlier step can ever be reused. Log-probabilities for the loss are recomputed with the
 training forward (naive MLA), not taken from the engine.
+
+**Under torchrun** the policy is sharded with FSDP2 like pre-training's; each step's prompts are
+split over the ranks (``--prompts-per-step`` must divide by their number), every rank samples its
+prompts' groups on a gathered full copy of the policy (:meth:`gathered_model`: one all-gather of the
+weights per step) with the same per-completion seeds as one process, and scores and trains on
+them; FSDP averages the gradients of the ranks' equal shares, so the update is the single-process
+one. The frozen reference is a full copy on every rank. Rank 0 runs the greedy eval.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..knobs import fraction, knob, nonneg_float, positive_float, positive_int
-from ..train.loop import Run, autocast, optimizer_update, runner_from_env
-from ..train.optim import Schedule, build_optimizer
+from ..train.loop import LoopOptions, Run, optimizer_update, runner_from_env
+from ..train.optim import Schedule
+from ..train.precision import autocast
 from .tasks import BUILTIN_TASKS
 
 
@@ -44,8 +54,14 @@ class GRPOError(RuntimeError):
 
 
 @dataclass
-class GRPOConfig:
-    """Every knob of a GRPO run; saved in each checkpoint so ``--resume`` continues the same run."""
+class GRPOConfig(LoopOptions):
+    """Every knob of a GRPO run; saved in each checkpoint so ``--resume`` continues the same run. The
+    loop's own knobs (``fp8``, ``fp8_block``, ``compile``, ``tensorboard``) come from :class:`LoopOptions`.
+
+    ``steps`` is the old name of ``max_steps``: ``GRPOConfig(steps=N)`` still works (with a
+    DeprecationWarning), ``--steps`` is a deprecated alias, and checkpoints saved with ``steps``
+    resume (``RENAMED_FIELDS``).
+    """
 
     model: str = knob("runs/sft/final", "the starting policy (an SFT chat model, e.g. runs/sft/final); also the KL "
                                         "reference (required unless --resume)", metavar="DIR")
@@ -53,7 +69,7 @@ class GRPOConfig:
     prompts: str | None = knob(None, "prompts for a user task: text (one per line) or JSONL with 'prompt' / "
                                      "'messages' (default: the task's own)", metavar="FILE")
     out: str = knob("runs/grpo", "run directory", metavar="DIR")
-    steps: int = knob(50, "policy updates (default: {default})", type=positive_int)
+    max_steps: int = knob(50, "policy updates (default: {default})", type=positive_int, aliases=("--steps",))
     prompts_per_step: int = knob(8, "prompts sampled per step", type=positive_int)
     group_size: int = knob(8, "completions per prompt (G >= 2)", type=positive_int)
     max_new_tokens: int = knob(48, "completion length limit", type=positive_int)
@@ -77,6 +93,15 @@ class GRPOConfig:
     max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
     progress: bool = knob(True, "no live progress bar")
     device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
+
+    steps: InitVar[int | None] = None  # the old name of max_steps (not a field: not saved, no flag)
+
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"steps": "max_steps"}  # old name in saved configs -> field
+
+    def __post_init__(self, steps: int | None) -> None:
+        if steps is not None:
+            warnings.warn("GRPOConfig(steps=...) is deprecated: use max_steps=", DeprecationWarning, stacklevel=3)
+            self.max_steps = steps
 
     @property
     def out_dir(self) -> Path:
@@ -140,9 +165,10 @@ def sequence_logprobs(model, tokens: torch.Tensor, micro_batch: int | None = Non
 
 # --------------------------------------------------------------------------------------- sampling
 def rollout(model, tokenizer, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int,
-            temperature: float, top_p: float, seed: int) -> list[list[list[int]]]:
+            temperature: float, top_p: float, seed: int, first: int = 0) -> list[list[list[int]]]:
     """``group_size`` sampled completions (token ids, stop token included) per prompt, with a fresh
-    engine on the live ``model`` (see the module doc on stale caches). Seeded per completion."""
+    engine on the live ``model`` (see the module doc on stale caches). Seeded per completion, by
+    the prompt's index in the step (``first``: the index of ``prompt_ids[0]``, for a rank's slice)."""
     from ..engine import LLM, SamplingParams
     was_training = model.training
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
@@ -153,7 +179,8 @@ def rollout(model, tokenizer, prompt_ids: list[list[int]], group_size: int, max_
         for j in range(group_size):
             prompts.append(ids)
             params.append(SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                         stop_token_ids=tokenizer.stop_ids(), seed=seed * 1_000_003 + i * group_size + j))
+                                         stop_token_ids=tokenizer.stop_ids(),
+                                         seed=seed * 1_000_003 + (first + i) * group_size + j))
     try:
         outs = llm.generate(prompts, params)
     finally:
@@ -179,55 +206,69 @@ def _step_problems(task, cfg: GRPOConfig, step: int):
     return [task.sample(rng) for _ in range(cfg.prompts_per_step)]
 
 
-def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=print) -> dict:
-    """Run (or resume) GRPO; returns the summary (also ``OUT/summary.json``)."""
+def grpo(cfg: GRPOConfig, resume: bool = False, max_steps: int | None = None, log=print) -> dict:
+    """Run (or resume) GRPO; returns the summary (also ``OUT/summary.json``). ``max_steps`` (if
+    given) sets the budget, e.g. extends a resumed run. Under torchrun: see the module doc."""
     from ..checkpoint import load_pretrained
+    from ..train.state import weights_dir
     from ..eval.tasks import task_accuracy
     from ..tokenizer import Tokenizer
+    from ..train.compile import eager
     from .tasks import completion_text, load_task, parse_completion
 
-    # one process: rollouts run the engine on the whole policy
-    runner = runner_from_env(cfg.device, distributed=False)
-    run = Run.open(cfg, runner, resume=resume, steps=steps, state_key="grpo_config", step_field="steps",
-                   error=GRPOError, log=log, what="GRPO run")
+    runner = runner_from_env(cfg.device)
+    # rollouts and logprobs see a new sequence length every step: compile for dynamic shapes
+    run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="grpo_config", error=GRPOError, log=log,
+                   what="GRPO run", compile_options={"dynamic": None})
     cfg, ckpt, out_dir = run.cfg, run.ckpt, run.out_dir
     if cfg.group_size < 2:
         raise GRPOError(f"group_size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
+    if cfg.prompts_per_step % runner.world_size:
+        raise GRPOError(f"--prompts-per-step {cfg.prompts_per_step} is split over the ranks: it must be divisible "
+                        f"by their number ({runner.world_size})")
+    per_rank = cfg.prompts_per_step // runner.world_size
+    first = runner.rank * per_rank  # this rank's prompts of each step: [first, first + per_rank)
     if not (Path(cfg.model) / "config.json").is_file():
         raise GRPOError(f"--model {cfg.model}: no config.json there (run `dsv3 sft` first)")
     task = load_task(cfg.task, cfg.prompts)
     torch.manual_seed(cfg.seed)
     device = runner.device
     tokenizer = Tokenizer.load(cfg.model)
-    policy = load_pretrained(ckpt or cfg.model, dtype=torch.float32, device=device)
+    # a sharded (torchrun) checkpoint has no weights in its model directory: the base, then run.restore
+    policy = load_pretrained(weights_dir(ckpt) or cfg.model, dtype=torch.float32, device=device)
     reference = load_pretrained(cfg.model, dtype=torch.float32, device=device).eval().requires_grad_(False)
-    optimizer = build_optimizer(policy, cfg.lr, cfg.weight_decay)
-    schedule = Schedule(cfg.lr, cfg.steps * cfg.inner_steps, cfg.warmup_steps, decay_start=1.0,
+    optimizer = run.prepare(policy)(policy, cfg.lr, cfg.weight_decay)  # --fp8, sharding, then the optimizer
+    schedule = Schedule(cfg.lr, cfg.max_steps * cfg.inner_steps, cfg.warmup_steps, decay_start=1.0,
                         min_lr_ratio=1.0)  # constant after warmup
     start = run.restore(policy, optimizer, tokenizer, reference_model=cfg.model)
     policy.train()
 
     def evaluate() -> dict:
-        acc = task_accuracy(policy, tokenizer, task, cfg.eval_problems, seed=cfg.seed + 10_000,
-                            max_new_tokens=cfg.max_new_tokens)
+        full = runner.gathered_model(policy)  # collective; then rank 0 alone evaluates
+        if not runner.is_main:
+            return {}
+        with eager(full):
+            acc = task_accuracy(full, tokenizer, task, cfg.eval_problems, seed=cfg.seed + 10_000,
+                                max_new_tokens=cfg.max_new_tokens)
         return {k: v for k, v in acc.items() if k != "samples"}
 
     def step(i: int) -> tuple[dict, bool]:
         t0 = time.perf_counter()
-        probs = _step_problems(task, cfg, i)
+        probs = _step_problems(task, cfg, i)[first:first + per_rank]  # every rank draws all, keeps its own
         prompt_ids = [tokenizer.render_chat(p.messages(), add_generation_prompt=True, thinking=True) for p in probs]
-        groups = rollout(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                         cfg.top_p, seed=cfg.seed * 100_003 + i)
+        with eager(runner.gathered_model(policy)) as full:
+            groups = rollout(full, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                             cfg.top_p, seed=cfg.seed * 100_003 + i, first=first)
         t_sample = time.perf_counter() - t0
         texts = [[completion_text(tokenizer, c) for c in g] for g in groups]
         rewards = torch.tensor([[task.reward(p.prompt, t) for t in ts] for p, ts in zip(probs, texts)])
         correct = [[task.correct(p.prompt, t) for t in ts] for p, ts in zip(probs, texts)]
-        adv = group_advantages(rewards, cfg.adv_eps).flatten()                      # [P*G]
+        adv = group_advantages(rewards, cfg.adv_eps).flatten()                      # [P/W*G]
         flat_prompts = [ids for ids in prompt_ids for _ in range(cfg.group_size)]
         flat_comps = [c for g in groups for c in g]
         tokens, mask = _pad_batch(flat_prompts, flat_comps, tokenizer.pad_id)
         tokens, mask, adv = tokens.to(device), mask.to(device), adv.to(device)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.dtype):
             old_logp = sequence_logprobs(policy, tokens, cfg.micro_batch).float()
             ref_logp = sequence_logprobs(reference, tokens, cfg.micro_batch).float()
         N = tokens.shape[0]
@@ -237,7 +278,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
             # micro-batch's loss is weighted by its share of completions (the loss is a mean over them).
             for j in range(0, N, cfg.micro_batch):
                 sl = slice(j, j + cfg.micro_batch)
-                with autocast(device):
+                with autocast(device, cfg.dtype):
                     logp = sequence_logprobs(policy, tokens[sl]).float()
                 loss, st = grpo_objective(logp, old_logp[sl], ref_logp[sl], adv[sl], mask[sl], cfg.clip_eps,
                                           cfg.kl_beta)
@@ -249,15 +290,21 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
             stats, ok = optimizer_update(runner, policy, optimizer, schedule(i * cfg.inner_steps + inner),
                                          micro_batches(), cfg.grad_clip, sums=dict.fromkeys(GRPO_STATS, 0.0))
             finite = finite and ok
-        lengths = [len(c) for c in flat_comps]
+        # the step's statistics over every rank's groups, in prompt order (as one process has them)
+        shared = runner.gather_object((rewards.tolist(), correct, [parse_completion(t)[0] for ts in texts for t in ts],
+                                       [len(c) for c in flat_comps]))
+        rewards = torch.tensor([row for part in shared for row in part[0]])         # [P, G]
+        correct = [row for part in shared for row in part[1]]
+        formats = [f for part in shared for f in part[2]]
+        lengths = [n for part in shared for n in part[3]]
         rec = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                "accuracy": sum(map(sum, correct)) / rewards.numel(),
-               "format_rate": sum(parse_completion(t)[0] for ts in texts for t in ts) / rewards.numel(),
+               "format_rate": sum(formats) / rewards.numel(),
                "completion_len": sum(lengths) / len(lengths), **stats,
                "sample_s": t_sample, "step_s": time.perf_counter() - t0}
         return rec, finite
 
-    final, _ = run.loop(cfg.steps, step, evaluate if cfg.eval_problems else None, eval_at_start=True, desc="grpo",
+    final, _ = run.loop(cfg.max_steps, step, evaluate if cfg.eval_problems else None, eval_at_start=True, desc="grpo",
                         postfix=_grpo_postfix)
 
     def summarize() -> dict:
@@ -265,7 +312,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, steps: int | None = None, log=pr
         train_recs, evals = run.metrics.records()
         return {
             "out": str(out_dir), "final": str(final), "model": cfg.model, "task": cfg.task,
-            "steps": max(start, cfg.steps), "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
+            "steps": max(start, cfg.max_steps), "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
             "reward_first": train_recs[0]["reward_mean"] if train_recs else None,
             "reward_last": train_recs[-1]["reward_mean"] if train_recs else None,
             "eval_accuracy_start": evals[0].get("accuracy") if evals else None,

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..train import balance
-from ..train.loop import Run, autocast, optimizer_update, runner_from_env
-from ..train.optim import Schedule, build_optimizer
+from ..train.loop import LoopOptions, Run, optimizer_update, runner_from_env
+from ..train.precision import autocast
+from ..train.optim import Schedule
 
 
 class SFTError(RuntimeError):
@@ -36,8 +37,9 @@ class SFTError(RuntimeError):
 
 
 @dataclass
-class SFTConfig:
-    """Every knob of an SFT run; saved in each checkpoint so ``--resume`` continues the same run."""
+class SFTConfig(LoopOptions):
+    """Every knob of an SFT run; saved in each checkpoint so ``--resume`` continues the same run. The
+    loop's own knobs (``fp8``, ``fp8_block``, ``compile``, ``tensorboard``) come from :class:`LoopOptions`."""
 
     model: str = knob("runs/tiny/final", "the base model directory (HF layout with tokenizer), e.g. runs/tiny/final "
                                          "(required unless --resume)", metavar="DIR")
@@ -174,7 +176,7 @@ def evaluate_sft(model, packed, cfg: SFTConfig, device: torch.device) -> dict:
         batch = {k: v.to(device) for k, v in packed.rows(list(range(start, min(start + cfg.batch_size,
                                                                                  len(packed))))).items()}
         x, y, m = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["targets_mask"]
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             logits = model(x)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
         loss_sum += float((ce * m).sum())
@@ -247,8 +249,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
     if cfg.max_steps is None:
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)))
     batches = RowBatches(train_rows, cfg.batch_size, cfg.seed, rank=runner.rank, world_size=runner.world_size)
-    runner.parallelize(model, log)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = run.prepare(model)(model, cfg.lr, cfg.weight_decay)  # --fp8, sharding, then the optimizer
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
     run.cfg = cfg  # with its step budget: what checkpoints save
     start = run.restore(model, optimizer, tokenizer, batches, base_model=str(base))
@@ -261,7 +262,7 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
         t0 = time.perf_counter()
         batch = {k: v.to(device) for k, v in next(batches).items()}
         shares, totals = runner.token_shares(token_counts(batch, mtp_depth))
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             losses = sft_losses(model, batch, cfg, shares)
         logged = {k: float(v.detach()) for k, v in losses.items() if k != "target_tokens"}
         if distill:  # the same keys on every rank: a batch without teacher records logs 0

@@ -17,6 +17,7 @@ returns the modules to eager (e.g. before generating with a cache, whose shapes 
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -58,6 +59,22 @@ def uncompile_model(model: nn.Module) -> None:
         # nn.Module.compile() keeps the compiled call here; None is the module's uncompiled state.
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+
+
+@contextmanager
+def eager(model: nn.Module):
+    """Inside the block every module of ``model`` runs eagerly (e.g. GRPO's rollouts with the engine's
+    cache, whose shapes change every token); after it the same compiled forwards are back, so
+    nothing is compiled again."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, call in compiled:
+            m._compiled_call_impl = call
 
 
 def is_compiled(model: nn.Module) -> bool:

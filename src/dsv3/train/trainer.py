@@ -26,9 +26,9 @@ from ..config import PRESETS, ModelConfig, preset
 from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
-from .loop import Run, autocast, optimizer_update, runner_from_env
+from .loop import LoopOptions, Run, autocast, optimizer_update, runner_from_env
 from .latent_scaling import latent_projections, latent_scale, scale_latent_init
-from .optim import Schedule, build_optimizer
+from .optim import Schedule
 
 
 class TrainError(RuntimeError):
@@ -36,8 +36,9 @@ class TrainError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of a run; saved in each checkpoint so ``--resume`` continues the same run."""
+class TrainConfig(LoopOptions):
+    """Every knob of a run; saved in each checkpoint so ``--resume`` continues the same run. The loop's
+    own knobs (``fp8``, ``fp8_block``, ``compile``, ``tensorboard``) come from :class:`LoopOptions`."""
 
     preset: str = knob("tiny", "model shape", choices=sorted(PRESETS))
     data: list[str] | None = knob(None, "text files, directories or JSONL (`text` field); default: the standard "
@@ -83,17 +84,11 @@ class TrainConfig:
     device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
     # Extra ModelConfig fields (tests, experiments); on the command line: --model-set FIELD=VALUE.
     model_overrides: dict = field(default_factory=dict)
-    fp8: bool = knob(False, "FP8 mixed precision (DeepSeek-V3 recipe; train/fp8.py): E4M3 GEMMs in forward and "
-                            "backward with 1x128 activation tiles and 128x128 weight blocks, fp32 master weights, "
-                            "bf16 AdamW moments")
-    fp8_block: int = knob(128, "FP8 tile/block size (1xB activation tiles, BxB weight blocks)", type=positive_int)
     ep: int = knob(1, "expert-parallel size under torchrun (train/parallel/): routed experts split over groups of "
                       "EP ranks; 1: FSDP2 only", type=positive_int)
     fused_ce: bool = knob(True, "compute the training loss from full [batch, seq, vocab] logits instead of the "
                                 "fused, chunked head + cross-entropy (kernels/linear_cross_entropy.py; same loss; "
                                 "slower, more memory; fused: %(default)s)")
-    compile: bool = knob(False, "torch.compile the attention, norms, MLPs and routers (train/compile.py): faster "
-                                "steps after a one-off compile (about a minute on CPU; needs a C++ compiler)")
 
     @property
     def out_dir(self) -> Path:
@@ -259,20 +254,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     model = Transformer(mc).to(device)
     s = latent_scale(mc) if cfg.latent_fan_in_scaling else 1.0
     scale_latent_init(model, s)  # a resumed run's weights replace these anyway
-    make_optimizer = build_optimizer
-    if cfg.fp8:
-        from .fp8 import FP8TrainingConfig, apply_fp8_training, build_fp8_optimizer
-        apply_fp8_training(model, FP8TrainingConfig(block=cfg.fp8_block))
-        make_optimizer = build_fp8_optimizer
-    runner.parallelize(model, log)  # shard from outside the model, then the optimizer over the shards
+    make_optimizer = run.prepare(model)  # --fp8, then sharding; the optimizer is built over the shards
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, scaled=latent_projections(model), lr_scale=s)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
-    start = run.restore(model, optimizer, tokenizer, batches)  # saved at any world size: each rank loads its shards
-    if cfg.compile:  # from outside the model; compiles during the first steps
-        if cfg.fp8 or runner.world_size > 1:
-            raise TrainError("--compile is supported in a single process without --fp8")
-        from .compile import compile_model
-        compile_model(model)
+    start = run.restore(model, optimizer, tokenizer, batches)  # each rank loads its shards; then --compile
     model.train()
     routers = balance.routers(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum

@@ -148,6 +148,20 @@ class ParallelTraining:
         from ...checkpoint import load_pretrained
         return load_pretrained(final, dtype=torch.float32).to(self.device)
 
+    def gathered_model(self, model: nn.Module) -> nn.Module:
+        """A single-device copy of the sharded ``model`` with its current weights, on every rank
+        (collective: all ranks call it; e.g. GRPO samples its rollouts with it). Costs one all-gather
+        of the weights and a full copy per rank."""
+        from .checkpoint import full_model_state, plain_model
+        return plain_model(model.config, full_model_state(model)).to(self.device).requires_grad_(False)
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     # ------------------------------------------------------------------ the end
     def finish(self, summary: dict | None) -> dict:
         """Share rank 0's run summary with every rank, then leave the process group."""
