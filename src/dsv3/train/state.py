@@ -12,6 +12,12 @@ SAVE_ID is a random id written into both halves (the safetensors header metadata
 directory carries its id. Model directories written before the state moved out (state files inside
 ``OUT/NAME/``) still resume.
 
+Under torchrun the state is *sharded* (``train/parallel/checkpoint.py``, torch.distributed.checkpoint):
+``OUT/train_state/NAME.SAVE_ID/`` then holds one safetensors shard file per rank (model, optimizer and
+torch RNG together) instead of ``optimizer.safetensors``, and ``trainer_state.json`` lists them under
+``"sharded"``. ``OUT/checkpoint-STEP/`` of such a run holds config, tokenizer and
+``sharded_checkpoint.json`` (the save id; no weights); ``OUT/final/`` is always the full HF model.
+
 Atomicity: a process killed at any moment leaves either the previous complete checkpoint or the new
 one. Both halves are written under temporary names and fsynced; the state is renamed to its
 id-qualified name (nothing points to it yet, so the old pair is untouched), then the model directory
@@ -30,6 +36,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,6 +50,8 @@ STATE_DIR = "train_state"
 # The key of the id shared by a model directory and its state, in the safetensors header metadata.
 SAVE_ID_KEY = "dsv3_save_id"
 STEP_KEY = "dsv3_step"
+# In the model directory of a sharded checkpoint (no weights there to carry the id): the save id.
+SHARDED_MARKER = "sharded_checkpoint.json"
 _CKPT_RE = re.compile(r"checkpoint-(\d+)\Z")
 _NAME = r"(checkpoint-\d+|final)"
 _STATE_RE = re.compile(_NAME + r"\.([0-9a-f]+)\Z")
@@ -87,9 +96,16 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def _model_save_id(model_dir: Path) -> str | None:
-    """The save id in a model directory's weights, or None (no weights, unreadable, or no id)."""
+    """The save id in a model directory's weights (or its sharded-checkpoint marker), or None (no
+    weights, unreadable, or no id)."""
     if not model_dir.is_dir():
         return None
+    marker = model_dir / SHARDED_MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("save_id")
+        except (json.JSONDecodeError, AttributeError):
+            return None
     adapter = model_dir / "adapter_model.safetensors"  # a LoRA run's checkpoint: the adapter (train/lora.py)
     if adapter.is_file() and not (model_dir / "config.json").is_file():
         from safetensors import safe_open
@@ -111,10 +127,34 @@ def state_dir(checkpoint: Path) -> Path | None:
     save_id = _model_save_id(checkpoint)
     if save_id is not None:
         s = checkpoint.parent / STATE_DIR / f"{checkpoint.name}.{save_id}"
-        return s if (s / TRAINER_STATE).is_file() and (s / OPTIMIZER_FILE).is_file() else None
+        return s if (s / TRAINER_STATE).is_file() and ((s / OPTIMIZER_FILE).is_file() or _shards_complete(s)) else None
     if (checkpoint / TRAINER_STATE).is_file() and (checkpoint / OPTIMIZER_FILE).is_file():
         return checkpoint  # written before the state moved out of the model directory
     return None
+
+
+def _shards_complete(s: Path) -> bool:
+    """A sharded state directory whose ``trainer_state.json`` (written last) lists shards all present."""
+    try:
+        sharded = json.loads((s / TRAINER_STATE).read_text()).get("sharded")
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(sharded) and all((s / f).is_file() for f in sharded.get("files", []))
+
+
+def sharded_info(checkpoint: Path) -> dict | None:
+    """``trainer_state.json``'s ``"sharded"`` entry of a complete checkpoint saved by a parallel run
+    (format, world size, layout, shard files), or None for a single-process checkpoint."""
+    return read_trainer_state(checkpoint).get("sharded")
+
+
+def weights_dir(checkpoint: Path | None) -> Path | None:
+    """``checkpoint`` when its model directory holds the model's weights (HF layout), else None: no
+    checkpoint, or a sharded one, whose weights the runner's ``load`` restores (build the model from
+    the base model or its ``config.json`` first)."""
+    if checkpoint is None or (Path(checkpoint) / SHARDED_MARKER).is_file():
+        return None
+    return Path(checkpoint)
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
@@ -126,43 +166,55 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((s / TRAINER_STATE).read_text())
 
 
-def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict) -> Path:
-    """Write checkpoint ``name`` of the run in ``out_dir`` atomically; returns the model directory
-    ``out_dir/name`` (its training state goes to ``out_dir/train_state/``)."""
+def begin_save(out_dir: Path, name: str) -> tuple[str, Path]:
+    """Start saving checkpoint ``name`` of the run in ``out_dir``: a new save id and an empty temporary
+    state directory to write the training state into (then :func:`write_trainer_state`,
+    :func:`commit_state`, :func:`commit_model`)."""
     out_dir = Path(out_dir)
     if not re.fullmatch(_NAME, name):
         raise ValueError(f"checkpoint name {name!r}: must be 'final' or 'checkpoint-STEP'")
     states = out_dir / STATE_DIR
     states.mkdir(parents=True, exist_ok=True)
-    save_id = uuid.uuid4().hex[:16]
-    pid = os.getpid()
-    final = out_dir / name
-    state_final = states / f"{name}.{save_id}"
-
-    # 1. the training state, under its id-qualified name: no model points to it yet
-    state_tmp = states / f".{name}.tmp-{pid}"
+    state_tmp = states / f".{name}.tmp-{os.getpid()}"
     if state_tmp.exists():
         shutil.rmtree(state_tmp)
     state_tmp.mkdir()
-    tensors, groups = optimizer_tensors(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
-    write_safetensors(tensors, state_tmp / OPTIMIZER_FILE)
+    return uuid.uuid4().hex[:16], state_tmp
+
+
+def write_trainer_state(state_tmp: Path, trainer_state: dict, save_id: str, groups: list[dict]) -> None:
+    """``trainer_state.json``: the trainer's state, the save id, the optimizer's param groups and the
+    python / numpy RNG states (the torch RNG goes with the tensors)."""
     np_state = np.random.get_state()
     state = dict(trainer_state, save_id=save_id, optimizer_param_groups=groups,
                  rng={"python": _jsonable(random.getstate()),
                       "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]})
-    (state_tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    (Path(state_tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+
+def commit_state(out_dir: Path, name: str, save_id: str, state_tmp: Path) -> Path:
+    """Fsync the written state and rename it to its id-qualified name (no model points to it yet, so
+    the previous pair is untouched); returns the state directory."""
+    states = Path(out_dir) / STATE_DIR
+    state_final = states / f"{name}.{save_id}"
     _fsync_tree(state_tmp)
     os.rename(state_tmp, state_final)
     _fsync_dir(states)
+    return state_final
 
-    # 2. the model directory, carrying the same id; renaming it into place is the commit
+
+def commit_model(out_dir: Path, name: str, save_id: str, write: Callable[[Path], None]) -> Path:
+    """Write the model directory with ``write(tmp)`` (it must carry ``save_id``), rename it into
+    place -- the single step that switches ``name`` to the new pair -- and drop the old pair."""
+    out_dir = Path(out_dir)
+    states = out_dir / STATE_DIR
+    pid = os.getpid()
+    final = out_dir / name
     tmp = out_dir / f".{name}.tmp-{pid}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_pretrained(model, tmp, metadata={SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
-    tokenizer.save(tmp)
+    write(tmp)
     _fsync_tree(tmp)
     aside = None
     if final.exists():  # saving the same name again: move the old one aside first
@@ -173,13 +225,32 @@ def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimiz
     os.rename(tmp, final)
     _fsync_dir(out_dir)
 
-    # 3. the old pair is no longer referenced
+    # the old pair is no longer referenced
     if aside is not None:
         shutil.rmtree(aside)
     for old in states.glob(f"{name}.*"):
-        if old != state_final:
+        if old.name != f"{name}.{save_id}":
             shutil.rmtree(old)
     return final
+
+
+def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict) -> Path:
+    """Write checkpoint ``name`` of the run in ``out_dir`` atomically; returns the model directory
+    ``out_dir/name`` (its training state goes to ``out_dir/train_state/``)."""
+    save_id, state_tmp = begin_save(out_dir, name)
+
+    # 1. the training state, under its id-qualified name: no model points to it yet
+    tensors, groups = optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    write_safetensors(tensors, state_tmp / OPTIMIZER_FILE)
+    write_trainer_state(state_tmp, trainer_state, save_id, groups)
+    commit_state(out_dir, name, save_id, state_tmp)
+
+    # 2. the model directory, carrying the same id; renaming it into place is the commit
+    def write(tmp: Path) -> None:
+        save_pretrained(model, tmp, metadata={SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
+        tokenizer.save(tmp)
+    return commit_model(out_dir, name, save_id, write)
 
 
 def _jsonable(x):
@@ -194,19 +265,27 @@ def _tupled(x):
     return x
 
 
+def restore_rng(state: dict, torch_rng: torch.Tensor) -> None:
+    """Set the torch RNG to ``torch_rng`` and the python / numpy RNGs to those in trainer state ``state``."""
+    torch.set_rng_state(torch_rng)
+    random.setstate(_tupled(state["rng"]["python"]))
+    kind, keys, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer and RNG states of checkpoint ``path`` (its model directory); returns the
-    trainer state dict."""
+    """Restore optimizer and RNG states of single-process checkpoint ``path`` (its model directory);
+    returns the trainer state dict. (A sharded checkpoint's state: ``train/parallel/checkpoint.py``.)"""
     s = state_dir(Path(path))
     if s is None:
         raise CheckpointError(f"{path}: not a complete training checkpoint, no training state to resume")
     state = json.loads((s / TRAINER_STATE).read_text())
+    if state.get("sharded"):
+        raise CheckpointError(f"{path}: a sharded checkpoint (saved by a parallel run); its optimizer state is "
+                              "read by dsv3.train.parallel.checkpoint.load_sharded_checkpoint")
     tensors = load_file(str(s / OPTIMIZER_FILE))
     load_optimizer(optimizer, tensors, state["optimizer_param_groups"])
-    torch.set_rng_state(tensors["rng.torch"])
-    random.setstate(_tupled(state["rng"]["python"]))
-    kind, keys, *rest = state["rng"]["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    restore_rng(state, tensors["rng.torch"])
     return state
 
 

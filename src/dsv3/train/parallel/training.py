@@ -13,7 +13,8 @@ In a single process :meth:`ParallelTraining.from_env` returns None and the loop 
   aux loss, ``--aux-loss-alpha``, is computed over each rank's own slice of the micro-batch.)
 - logged losses are averaged over ranks; the gradient norm is global; a step is skipped on every
   rank when any rank saw a non-finite loss.
-- rank 0 alone writes metrics, plots and checkpoints (gathered to the single-process layout).
+- rank 0 alone writes metrics and plots; every rank writes its shard of each checkpoint
+  (torch.distributed.checkpoint, ``checkpoint.py``), and ``final`` is also gathered to the HF layout.
 """
 
 from __future__ import annotations
@@ -132,15 +133,28 @@ class ParallelTraining:
         return shares, total
 
     # ------------------------------------------------------------------ checkpoints
+    def _expert_mesh(self):
+        """The (ep, ep_rep) mesh DCP sees the EP experts on, made on first use (collective, like the
+        save and load that ask for it); None without expert parallelism."""
+        if self.plan is None or self.plan.ep == 1:
+            return None
+        if getattr(self, "_ep_view_mesh", None) is None:
+            from .checkpoint import expert_mesh
+            self._ep_view_mesh = expert_mesh(self.plan.ep_mesh)
+        return self._ep_view_mesh
+
     def save(self, out_dir: Path, name: str, model: nn.Module, tokenizer, optimizer, trainer_state: dict) -> Path:
-        """Gather and write a checkpoint in the single-process layout (collective; rank 0 writes)."""
+        """Write a sharded checkpoint, every rank its pieces (collective); ``final`` is also exported
+        as the full HF model."""
         from .checkpoint import save_parallel_checkpoint
-        return save_parallel_checkpoint(self.ctx, out_dir, name, model, tokenizer, optimizer, trainer_state)
+        return save_parallel_checkpoint(self.ctx, out_dir, name, model, tokenizer, optimizer, trainer_state,
+                                        mesh=self._expert_mesh(), layout={"ep": self.ep})
 
     def load(self, path: Path, model: nn.Module, optimizer) -> dict:
-        """Resume from a checkpoint saved at any world size; returns its trainer state."""
+        """Resume from a checkpoint saved at any world size and layout, sharded or single-process;
+        returns its trainer state."""
         from .checkpoint import load_parallel_checkpoint
-        return load_parallel_checkpoint(path, model, optimizer)
+        return load_parallel_checkpoint(path, model, optimizer, mesh=self._expert_mesh())
 
     def sampling_model(self, model: nn.Module, final: Path):
         """A single-device copy of the saved ``final`` checkpoint (rank 0 samples from it without the
