@@ -16,12 +16,11 @@ from dsv3.engine.sampling import (
     ARGMAX_IGNORES,
     SamplingParams,
     apply_penalties,
-    greedy_verify,
     penalty_inputs,
     probs_after_processing,
-    rejection_sample,
     sample,
 )
+from dsv3.engine.speculation import greedy_verify, rejection_sample
 
 P_VALUE_FLOOR = 1e-3
 

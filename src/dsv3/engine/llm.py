@@ -23,7 +23,7 @@ from .runner import ModelRunner
 from .sampling import SamplingParams, penalty_inputs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .speculation import MTPSpeculator, stats_of
+from .speculation import MTPSpeculator
 from .weight_layout import column_major_linears
 
 
@@ -108,8 +108,7 @@ class LLM:
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.num_spec = num_speculative_tokens if speculative == "mtp" else 0
-        self.speculator = (MTPSpeculator(self.runner, self.block_manager, self.num_spec, max_model_len)
-                           if self.num_spec else None)
+        self.speculator = MTPSpeculator(self.runner, self.block_manager, self.num_spec, max_model_len)
         # cuda_graphs: decode steps run on static shapes, one per batch bucket, replayed from CUDA
         # graphs on a GPU (eagerly on the CPU). Opt-in until it has been verified on more GPUs.
         # compile: the same static-shape steps through torch.compile (the first step of each bucket
@@ -205,7 +204,7 @@ class LLM:
         for seq, _ in batch:
             if not seq.finished:
                 self.block_manager.register(seq.block_table, seq.block_hashes, seq.tokens, seq.num_computed)
-        if self.speculator is not None:
+        if self.num_spec:
             self.speculator.draft([s for s in advanced if not s.finished])
         return advanced
 
@@ -225,8 +224,6 @@ class LLM:
     def spec_stats(self) -> dict:
         """MTP speculation: drafted/accepted counts, acceptance rate and mean tokens emitted per
         verification step (all zero without speculation)."""
-        if self.speculator is None:
-            return stats_of({"drafted": 0, "accepted": 0, "verify_steps": 0, "emitted": 0})
         return self.speculator.stats
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:

@@ -1,4 +1,4 @@
-"""Token sampling for the batched engine, plus the verification step of speculative decoding.
+"""Token sampling for the batched engine.
 
 Under continuous batching every row of a logits batch belongs to a different request, each with its
 own :class:`SamplingParams` and its own random stream. The pipeline for one row is
@@ -12,9 +12,8 @@ The logit transforms are vectorized over the batch (per-row parameters are broad
 tensors); only the random draws loop over rows, because a request's seed must give the same tokens
 whatever else shares its batch, so each seeded row draws its noise from its own ``torch.Generator``.
 
-Speculative decoding (DeepSeek-V3's MTP module proposes draft tokens that the main model verifies in
-one forward) is checked here too: :func:`rejection_sample` keeps the target distribution exactly
-(Leviathan et al. 2023, Chen et al. 2023); :func:`greedy_verify` is its temperature-0 special case.
+The distribution a row is drawn from (:func:`probs_after_processing`) is also what speculative
+verification (:mod:`dsv3.engine.speculation`) tests draft tokens against.
 """
 
 from __future__ import annotations
@@ -432,76 +431,3 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     logprob_table = logits.float().log_softmax(dim=-1)
     chosen = logprob_table.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
     return SampleOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=_top_logprobs(logprob_table, params))
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from the (possibly unnormalized) non-negative weights ``probs`` ``[V]``."""
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return int((probs / noise).argmax())
-
-
-def rejection_sample(draft_token_ids: torch.Tensor | Sequence[int], draft_probs: torch.Tensor,
-                     target_probs: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
-    """Verify ``k`` draft tokens against the target model, keeping the target distribution exactly.
-
-    Args:
-        draft_token_ids: ``[k]`` tokens proposed by the draft (DeepSeek-V3: the MTP module).
-        draft_probs: ``[k, V]`` the distributions ``q_i`` the drafts were drawn from.
-        target_probs: ``[k + 1, V]`` the target's processed distributions ``p_i`` at the same positions
-            (:func:`probs_after_processing`), the last one for the bonus token after the last draft.
-        generator: the request's generator (on the probs' device), or ``None`` for the global stream.
-
-    Returns:
-        The accepted draft prefix plus one token: a replacement at the first rejection, or a bonus token
-        from ``p_k`` when every draft is accepted; so between 1 and ``k + 1`` tokens.
-
-    Draft ``x_i`` is accepted with probability ``min(1, p_i(x_i) / q_i(x_i))``, tested as ``u * q < p``
-    with ``u ~ U[0, 1)`` so that ``q(x) = 0`` needs no division: such a draft is accepted when
-    ``p(x) > 0`` (ratio +inf) and rejected when ``p(x) = 0``, and ``p == q`` always accepts. A rejected
-    position draws from ``normalize(max(0, p_i - q_i))``; if that residual is all zeros (possible only
-    through round-off or a draft row that does not sum to 1) it falls back to ``p_i``.
-    """
-    drafts = torch.as_tensor(draft_token_ids, dtype=torch.long, device=target_probs.device).reshape(-1)  # [k]
-    k = drafts.numel()
-    if draft_probs.shape[0] != k or target_probs.shape[0] != k + 1 or draft_probs.shape[1] != target_probs.shape[1]:
-        raise ValueError(f"expected draft_probs [k, V] and target_probs [k+1, V] for k={k}, got "
-                         f"{tuple(draft_probs.shape)} and {tuple(target_probs.shape)}")
-    p = target_probs.float()
-    q = draft_probs.float().to(p.device)
-    if k:
-        p_x = p[:k].gather(1, drafts.unsqueeze(1)).squeeze(1)  # [k]
-        q_x = q.gather(1, drafts.unsqueeze(1)).squeeze(1)  # [k]
-        # All k uniforms up front: one kernel and one host sync instead of k of each.
-        u = torch.rand(k, generator=generator, device=p.device, dtype=torch.float32)
-        accepted = (u * q_x < p_x).tolist()
-    else:
-        accepted = []
-    n_ok = next((i for i, ok in enumerate(accepted) if not ok), k)
-    out = drafts[:n_ok].tolist()
-    if n_ok == k:
-        out.append(_draw(p[k], generator))
-        return out
-    residual = (p[n_ok] - q[n_ok]).clamp_min(0)
-    if not bool(residual.sum() > 0):
-        residual = p[n_ok]
-    out.append(_draw(residual, generator))
-    return out
-
-
-def greedy_verify(draft_token_ids: torch.Tensor | Sequence[int], target_logits: torch.Tensor) -> list[int]:
-    """Temperature-0 verification: accept drafts while they equal the target's argmax.
-
-    Args:
-        draft_token_ids: ``[k]`` draft tokens.
-        target_logits: ``[k + 1, V]`` target logits (or probabilities) at the draft positions plus one.
-
-    Returns:
-        The matching draft prefix followed by the target's argmax at the first mismatch, or by the
-        bonus argmax at position ``k`` when all ``k`` match (``k + 1`` tokens).
-    """
-    target = target_logits.argmax(dim=-1).tolist()  # [k + 1]
-    drafts = torch.as_tensor(draft_token_ids, dtype=torch.long).reshape(-1).tolist()
-    if len(target) != len(drafts) + 1:
-        raise ValueError(f"target_logits needs k+1 = {len(drafts) + 1} rows, got {len(target)}")
-    n_ok = next((i for i, (d, t) in enumerate(zip(drafts, target)) if d != t), len(drafts))
-    return drafts[:n_ok] + [target[n_ok]]

@@ -38,11 +38,9 @@ class Sequence:
     draft_probs: torch.Tensor | None = None
     mtp_computed: int = 0
     pending_hidden: list[torch.Tensor] = field(default_factory=list)
-    # Stop strings, matched on the output text as it grows (:meth:`match_stop`). The text is decoded
-    # incrementally: output[text_from:text_upto] is the lookback window the next tokens' text is diffed
-    # against (byte-level BPE splits a character across tokens; a decoder may render a token
-    # differently at the start of a text). Only the last (longest stop - 1) characters of the text
-    # so far are kept: a new match must end in the new text.
+    # Stop strings (:meth:`match_stop`): output[text_from:text_upto] is the lookback window the new
+    # tokens' text is diffed against (byte-level BPE splits characters across tokens); of the text so
+    # far only the last (longest stop - 1) characters are kept, since a new match ends in new text.
     text_from: int = 0
     text_upto: int = 0
     text_len: int = 0                         # characters of output text decoded so far

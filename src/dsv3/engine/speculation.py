@@ -1,22 +1,92 @@
 """MTP speculative decoding for :class:`dsv3.LLM`: DeepSeek-V3's multi-token-prediction module drafts
-tokens, the main model verifies them in its next forward.
-
-After every step the speculator catches the MTP module up on the sequence's new positions (the main
-model's hidden states it has not consumed, ``Sequence.pending_hidden``) and drafts ``num_tokens``
-tokens by applying the module to its own output. The engine then runs the last token plus the drafts
-through the main model in one forward, and :meth:`MTPSpeculator.verify` keeps the accepted prefix
-plus one token: greedy verification at temperature 0, rejection sampling otherwise, which keeps the
-target distribution exactly (:func:`dsv3.engine.sampling.rejection_sample`).
-"""
+tokens by applying itself to its own output; the main model verifies them in its next forward, keeping
+the accepted prefix plus one token (greedy verification, or rejection sampling, which keeps the target
+distribution exactly: :func:`rejection_sample`, Leviathan et al. 2023, Chen et al. 2023;
+:func:`greedy_verify` is its temperature-0 special case)."""
 
 from __future__ import annotations
+
+from typing import Sequence as Seq
 
 import torch
 
 from .block_manager import BlockManager
 from .runner import ModelRunner
-from .sampling import greedy_verify, probs_after_processing, rejection_sample
+from .sampling import probs_after_processing
 from .sequence import Sequence
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One draw from the (possibly unnormalized) non-negative weights ``probs`` ``[V]``."""
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return int((probs / noise).argmax())
+
+
+def rejection_sample(draft_token_ids: torch.Tensor | Seq[int], draft_probs: torch.Tensor,
+                     target_probs: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
+    """Verify ``k`` draft tokens against the target model, keeping the target distribution exactly.
+
+    Args:
+        draft_token_ids: ``[k]`` tokens proposed by the draft (DeepSeek-V3: the MTP module).
+        draft_probs: ``[k, V]`` the distributions ``q_i`` the drafts were drawn from.
+        target_probs: ``[k + 1, V]`` the target's processed distributions ``p_i`` at the same positions
+            (:func:`probs_after_processing`), the last one for the bonus token after the last draft.
+        generator: the request's generator (on the probs' device), or ``None`` for the global stream.
+
+    Returns:
+        The accepted draft prefix plus one token: a replacement at the first rejection, or a bonus token
+        from ``p_k`` when every draft is accepted; so between 1 and ``k + 1`` tokens.
+
+    Draft ``x_i`` is accepted with probability ``min(1, p_i(x_i) / q_i(x_i))``, tested as ``u * q < p``
+    with ``u ~ U[0, 1)`` so that ``q(x) = 0`` needs no division: such a draft is accepted when
+    ``p(x) > 0`` (ratio +inf) and rejected when ``p(x) = 0``, and ``p == q`` always accepts. A rejected
+    position draws from ``normalize(max(0, p_i - q_i))``; if that residual is all zeros (possible only
+    through round-off or a draft row that does not sum to 1) it falls back to ``p_i``.
+    """
+    drafts = torch.as_tensor(draft_token_ids, dtype=torch.long, device=target_probs.device).reshape(-1)  # [k]
+    k = drafts.numel()
+    if draft_probs.shape[0] != k or target_probs.shape[0] != k + 1 or draft_probs.shape[1] != target_probs.shape[1]:
+        raise ValueError(f"expected draft_probs [k, V] and target_probs [k+1, V] for k={k}, got "
+                         f"{tuple(draft_probs.shape)} and {tuple(target_probs.shape)}")
+    p = target_probs.float()
+    q = draft_probs.float().to(p.device)
+    if k:
+        p_x = p[:k].gather(1, drafts.unsqueeze(1)).squeeze(1)  # [k]
+        q_x = q.gather(1, drafts.unsqueeze(1)).squeeze(1)  # [k]
+        # All k uniforms up front: one kernel and one host sync instead of k of each.
+        u = torch.rand(k, generator=generator, device=p.device, dtype=torch.float32)
+        accepted = (u * q_x < p_x).tolist()
+    else:
+        accepted = []
+    n_ok = next((i for i, ok in enumerate(accepted) if not ok), k)
+    out = drafts[:n_ok].tolist()
+    if n_ok == k:
+        out.append(_draw(p[k], generator))
+        return out
+    residual = (p[n_ok] - q[n_ok]).clamp_min(0)
+    if not bool(residual.sum() > 0):
+        residual = p[n_ok]
+    out.append(_draw(residual, generator))
+    return out
+
+
+def greedy_verify(draft_token_ids: torch.Tensor | Seq[int], target_logits: torch.Tensor) -> list[int]:
+    """Temperature-0 verification: accept drafts while they equal the target's argmax.
+
+    Args:
+        draft_token_ids: ``[k]`` draft tokens.
+        target_logits: ``[k + 1, V]`` target logits (or probabilities) at the draft positions plus one.
+
+    Returns:
+        The matching draft prefix followed by the target's argmax at the first mismatch, or by the
+        bonus argmax at position ``k`` when all ``k`` match (``k + 1`` tokens).
+    """
+    target = target_logits.argmax(dim=-1).tolist()  # [k + 1]
+    drafts = torch.as_tensor(draft_token_ids, dtype=torch.long).reshape(-1).tolist()
+    if len(target) != len(drafts) + 1:
+        raise ValueError(f"target_logits needs k+1 = {len(drafts) + 1} rows, got {len(target)}")
+    n_ok = next((i for i, (d, t) in enumerate(zip(drafts, target)) if d != t), len(drafts))
+    return drafts[:n_ok] + [target[n_ok]]
 
 
 class MTPSpeculator:
@@ -25,7 +95,7 @@ class MTPSpeculator:
     Args:
         runner: the engine's model runner (its MTP forward and heads).
         block_manager: grows a sequence's block table for the draft positions.
-        num_tokens: tokens drafted per step, ``>= 1``.
+        num_tokens: tokens drafted per step (``0``: no speculation, the stats stay zero).
         max_model_len: no drafts past this length.
     """
 
@@ -61,7 +131,7 @@ class MTPSpeculator:
     def draft(self, seqs: list[Sequence]) -> None:
         """Catch the MTP module up on every new position, then draft ``num_tokens`` tokens recursively."""
         k = self.num_tokens
-        seqs = [s for s in seqs if self.eligible(s) and len(s) + k <= self.max_model_len
+        seqs = [s for s in seqs if k and self.eligible(s) and len(s) + k <= self.max_model_len
                 and self.block_manager.grow(s.block_table, len(s) + k)]
         if not seqs:
             return
@@ -94,10 +164,6 @@ class MTPSpeculator:
     @property
     def stats(self) -> dict:
         """Drafted/accepted counts, acceptance rate and mean tokens emitted per verification step."""
-        return stats_of(self.counts)
-
-
-def stats_of(counts: dict) -> dict:
-    """``counts`` (drafted, accepted, verify_steps, emitted) plus the rates derived from them."""
-    return {**counts, "acceptance_rate": counts["accepted"] / counts["drafted"] if counts["drafted"] else None,
-            "mean_accepted_length": counts["emitted"] / counts["verify_steps"] if counts["verify_steps"] else None}
+        st = self.counts
+        return {**st, "acceptance_rate": st["accepted"] / st["drafted"] if st["drafted"] else None,
+                "mean_accepted_length": st["emitted"] / st["verify_steps"] if st["verify_steps"] else None}

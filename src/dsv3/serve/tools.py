@@ -284,8 +284,8 @@ class ChatOutputParser:
             reasoning_ids, rest = [], ids
         block: list[int] = []
         if self.tool_names and self._calls_begin in rest:
-            at = rest.index(self._calls_begin)
-            rest, block = rest[:at], rest[at + 1:]
+            cut = rest.index(self._calls_begin)
+            rest, block = rest[:cut], rest[cut + 1:]
         reasoning, content = self._text(reasoning_ids, final), self._text(rest, final)
         # The engine's output text is the reasoning's text followed by the content's (then the
         # block's): `stop_at` counts characters of it.
