@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CLIError, add_command, reported, resume_dir
+from .common import CLIError, add_command, reported, require_dir, resume_dir
 from .fields import add_dataclass_args, from_args
 
 # TrainConfig fields set through another flag than their own.
@@ -59,10 +59,16 @@ def register(subparsers) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.trainer import TrainError, train
+    source = None
+    if args.extend_context is not None:  # a new stage: --resume names the run it continues, --out the stage's dir
+        if args.resume is None:
+            raise CLIError("--extend-context L needs --resume RUN: the trained run to continue at L tokens")
+        require_dir(args.resume, "--resume", "run directory")
+        source, args.resume = args.resume, None
     resume = resume_dir(args)  # --resume DIR becomes --out DIR
     cfg = train_config_from_args(args)
     with reported(TrainError):
-        summary = train(cfg, resume=resume, max_steps=args.max_steps)
+        summary = train(cfg, resume=resume, max_steps=args.max_steps, extend_from=source)
     if summary.get("rank", 0) == 0:  # under torchrun only rank 0 prints
         print(format_train_summary(summary))
     return 0
@@ -83,6 +89,12 @@ def format_train_summary(s: dict) -> str:
         f"  final model   {s['final']}",
         f"  plots         {', '.join(s['plots']) or 'none'}",
     ]
+    ext = s.get("context_extension")
+    if ext:
+        before = ext.get("val_loss_at_start")
+        lines.append(f"  context       stage {ext['stage']}: {ext['from_seq_len']} -> {ext['seq_len']} tokens (YaRN factor "
+                     f"{ext['factor']:g}); val loss at {ext['seq_len']} {num(before, '.3f')} before -> "
+                     f"{num(s['val_loss'], '.3f')} after")
     if s.get("sample") is not None:
         lines += ["  sample:", "    " + s["sample"].replace("\n", "\n    ")]
     return "\n".join(lines)

@@ -26,9 +26,12 @@ from ..config import PRESETS, ModelConfig, preset
 from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
+from .batch_ramp import BatchRamp, batch_ramp_spec
 from .loop import LoopOptions, Run, autocast, optimizer_update, runner_from_env
 from .latent_scaling import latent_projections, latent_scale, scale_latent_init
+from .context import ContextStage, plan_stage
 from .optim import Schedule
+from .state import read_trainer_state
 
 
 class TrainError(RuntimeError):
@@ -51,6 +54,14 @@ class TrainConfig(LoopOptions):
                            type=positive_int)
     seq_len: int = knob(256, "tokens per sequence", type=positive_int)
     grad_accum: int = knob(1, "micro-batches per step", type=positive_int)
+    batch_ramp: str | None = knob(None, "batch-size ramp START:TOKENS (V3: 3072 -> 15360 over 469B tokens): start at "
+                                        "START sequences, grow linearly in tokens to --batch-size over the first TOKENS "
+                                        "(K/M/B/T suffixes), in multiples of the ranks; the LR schedule stays per step "
+                                        "(train/batch_ramp.py)", type=batch_ramp_spec, metavar="START:TOKENS")
+    extend_context: int | None = knob(None, "with --resume RUN: a context-extension stage at sequence length L "
+                                            "(YaRN; DeepSeek-V3 4K -> 32K -> 128K) written to a new run (--out, default "
+                                            "RUN-ctxL); batch, constant LR and steps (--max-steps) scaled from the run "
+                                            "(train/context.py)", type=positive_int, metavar="L")
     lr: float = knob(3e-3, "peak learning rate", type=nonneg_float)
     warmup_steps: int = knob(20, "linear warmup steps")
     decay_start: float = knob(0.6, "fraction of the run after which the cosine decay starts", type=fraction)
@@ -230,23 +241,75 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, 
 LOGGED_LOSSES = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
-def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, log=print) -> dict:
+# Settings a context-extension stage takes from the command line when they differ from their defaults
+# (the rest come from the run being extended, or from the stage's plan: seq_len, rope, warmup, ...).
+STAGE_TUNABLE = ("batch_size", "lr", "grad_accum", "weight_decay", "grad_clip", "save_every", "eval_every",
+                 "eval_batches", "keep_checkpoints", "bias_update_rate", "seq_aux_alpha", "aux_loss_alpha",
+                 "mtp_weight", "max_nonfinite", "sample_tokens", "fused_ce", "compile")
+
+
+def extension_stage(cfg: TrainConfig, source: str | Path | None, resume: bool, steps: int | None,
+                    granule: int = 1) -> tuple[TrainConfig, ContextStage]:
+    """The run config of a context-extension stage of the run in ``source`` at ``cfg.extend_context``
+    tokens (``train/context.py``); ``cfg`` contributes the stage's ``out``, the per-invocation fields
+    (progress, device, ep) and those of ``STAGE_TUNABLE`` it sets to other than their defaults (a
+    batch or LR of your own instead of the scaled ones, eval/save cadence); ``steps`` is the stage's
+    step budget (None: the default share)."""
+    if source is None:
+        raise TrainError("--extend-context needs --resume RUN: the trained run to continue at the longer length")
+    if cfg.extend_context is None:
+        raise TrainError("a run to extend was given without --extend-context L")
+    if resume:
+        raise TrainError("a context-extension stage starts a new run; to continue an interrupted stage, "
+                         "--resume its directory without --extend-context")
+    stage = plan_stage(source, cfg.extend_context, out=cfg.out, steps=steps, granule=granule, error=TrainError)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: v for k, v in stage.config.items() if k in known}
+    fields.update(progress=cfg.progress, device=cfg.device, ep=cfg.ep)
+    defaults = TrainConfig()
+    fields.update({k: getattr(cfg, k) for k in STAGE_TUNABLE if getattr(cfg, k) != getattr(defaults, k)})
+    stage.config, stage.record = fields, {**stage.record, "batch_size": fields["batch_size"], "lr": fields["lr"]}
+    return TrainConfig(**fields), stage
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, log=print,
+          extend_from: str | Path | None = None) -> dict:
     """Run (or resume) training; returns the end-of-run summary.
 
     With ``resume``, the run in ``cfg.out`` continues from its last complete checkpoint with its own
     saved settings; ``max_steps`` (if given) extends or shortens it. Under torchrun (``WORLD_SIZE >
     1``) the same run is sharded with FSDP2 / expert parallel (``train/parallel/``).
+    With ``cfg.extend_context`` and ``extend_from`` (a run directory), a context-extension stage of
+    that run (``train/context.py``) runs as a new run in ``cfg.out`` (default ``RUN-ctxL``),
+    ``max_steps`` being the stage's steps; it evaluates once before its first step.
     """
     from .. import data as D
     from .. import tokenizer as T
     runner = runner_from_env(cfg.device, cfg.ep)
+    stage = None
+    if cfg.extend_context is not None or extend_from is not None:
+        cfg, stage = extension_stage(cfg, extend_from, resume, max_steps, runner.world_size)
+        max_steps = None  # already the stage's budget
     run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="train_config",
                    keep=("progress", "device", "out", "ep"), error=TrainError, log=log, what="run")
     cfg, ckpt, log, out_dir = run.cfg, run.ckpt, run.log, run.out_dir
+    ramp = None
+    if cfg.batch_ramp:
+        try:  # batch size per step (global), fixed by the step alone: a resume recomputes the same sizes
+            ramp = BatchRamp.parse(cfg.batch_ramp).sizes(cfg.batch_size, cfg.seq_len * cfg.grad_accum,
+                                                         cfg.max_steps, runner.world_size)
+        except ValueError as e:
+            raise TrainError(f"--batch-ramp: {e}") from None
+    if stage is not None:
+        log(f"context extension stage {stage.record['stage']}: {stage.source} (step {stage.record['source_step']}) "
+            f"{stage.record['from_seq_len']} -> {cfg.seq_len} tokens, YaRN factor {stage.record['factor']:g} over "
+            f"{stage.record['original_max_position_embeddings']}, batch {cfg.batch_size}, constant LR {cfg.lr:.3g}, "
+            f"{cfg.max_steps} steps -> {out_dir}")
     torch.manual_seed(cfg.seed)
     device = runner.device
     with runner.main_first():  # rank 0 trains the tokenizer / tokenizes first
-        tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(ckpt) if ckpt else None)
+        tok_from = ckpt or (stage.source if stage is not None else None)
+        tokenizer, dataset = prepare_data(cfg, out_dir, T.Tokenizer.load(tok_from) if tok_from else None)
     batches = runner.packed_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.seed)  # this rank's slice
     val = D.val_batches(dataset, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
 
@@ -257,7 +320,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     make_optimizer = run.prepare(model)  # --fp8, then sharding; the optimizer is built over the shards
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, scaled=latent_projections(model), lr_scale=s)
     schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_start, cfg.min_lr_ratio)
-    start = run.restore(model, optimizer, tokenizer, batches)  # each rank loads its shards; then --compile
+    extra = {}  # more trainer-state entries, saved with every checkpoint of the run
+    if stage is not None:  # the source's weights, AdamW moments and RNG; the stage counts its steps from 0
+        runner.load(stage.source, model, optimizer)
+        extra["context_extension"] = stage.record
+    elif ckpt is not None and "context_extension" in (saved_state := read_trainer_state(ckpt)):
+        extra["context_extension"] = saved_state["context_extension"]  # resuming a stage keeps its record
+    start = run.restore(model, optimizer, tokenizer, batches, **extra)  # each rank loads its shards; then --compile
     model.train()
     routers = balance.routers(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
@@ -271,12 +340,19 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
 
     def step(i: int) -> tuple[dict, bool]:
         t0 = time.perf_counter()
+        step_tokens = tokens_per_step
+        if ramp is not None:  # this step's global batch; each rank takes its equal slice
+            batches.batch_size = ramp[i] // runner.world_size
+            step_tokens = ramp[i] * cfg.seq_len * cfg.grad_accum
         rec, finite = optimizer_update(runner, model, optimizer, schedule(i), micro_batches(), cfg.grad_clip,
                                        routers, cfg.bias_update_rate, sums=dict.fromkeys(LOGGED_LOSSES, 0.0))
-        rec["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+        rec["tokens_per_s"] = step_tokens / (time.perf_counter() - t0)
+        if ramp is not None:
+            rec["batch_size"] = ramp[i]
         return rec, finite
 
-    final, last_eval = run.loop(cfg.max_steps, step, lambda: evaluate(model, val, cfg, device), desc="train")
+    final, last_eval = run.loop(cfg.max_steps, step, lambda: evaluate(model, val, cfg, device), desc="train",
+                                eval_at_start=stage is not None)  # a stage's step-0 eval: the long-length loss before
     final_step = max(start, cfg.max_steps)
 
     def summarize() -> dict:  # rank 0 alone writes plots and the summary (and samples)
@@ -294,6 +370,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             "maxvio_global": last_eval.get("maxvio_global"), "mtp_top1_acc": last_eval.get("mtp_top1_acc"),
             "plots": [str(p) for p in plots],
         }
+        if "context_extension" in extra:
+            at_start = [r for r in run.metrics.records()[1] if r["step"] == 0]
+            summary["context_extension"] = {**extra["context_extension"],
+                                            "val_loss_at_start": at_start[0]["val_loss"] if at_start else None}
         if cfg.compile:  # generation's cache and shapes change every step: eager is the right tool there
             from .compile import uncompile_model
             uncompile_model(model)
