@@ -97,6 +97,13 @@ class TrainConfig(LoopOptions):
     model_overrides: dict = field(default_factory=dict)
     ep: int = knob(1, "expert-parallel size under torchrun (train/parallel/): routed experts split over groups of "
                       "EP ranks; 1: FSDP2 only", type=positive_int)
+    pp: int = knob(1, "pipeline-parallel size under torchrun (train/parallel/pipeline.py): the layers split into "
+                      "stages over PP ranks, world = pp x dp (data-parallel replicas)", type=positive_int)
+    pp_schedule: str = knob("1f1b", "pipeline schedule (torch.distributed.pipelining): 1f1b, interleaved (2 looped "
+                                    "virtual stages per rank), zbv or dualpipev (2 stages per rank, V-shaped)",
+                            choices=("1f1b", "interleaved", "zbv", "dualpipev"))
+    microbatches: int | None = knob(None, "pipeline microbatches per micro-batch, dividing the per-replica batch "
+                                          "(default: the smallest count >= 2 x pp that divides it)", type=positive_int)
     fused_ce: bool = knob(True, "compute the training loss from full [batch, seq, vocab] logits instead of the "
                                 "fused, chunked head + cross-entropy (kernels/linear_cross_entropy.py; same loss; "
                                 "slower, more memory; fused: %(default)s)")
@@ -285,14 +292,22 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     """
     from .. import data as D
     from .. import tokenizer as T
-    runner = runner_from_env(cfg.device, cfg.ep)
+    pipeline = cfg.pp > 1
+    if pipeline:  # the layout is this launch's: a run resumes at any pp x dp (or in one process)
+        from .parallel.pipeline import PipelineTraining
+        runner = PipelineTraining.from_cfg(cfg)
+    else:
+        runner = runner_from_env(cfg.device, cfg.ep)
     stage = None
     if cfg.extend_context is not None or extend_from is not None:
         cfg, stage = extension_stage(cfg, extend_from, resume, max_steps, runner.world_size)
         max_steps = None  # already the stage's budget
     run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="train_config",
-                   keep=("progress", "device", "out", "ep"), error=TrainError, log=log, what="run")
+                   keep=("progress", "device", "out", "ep", "pp", "pp_schedule", "microbatches"), error=TrainError,
+                   log=log, what="run")
     cfg, ckpt, log, out_dir = run.cfg, run.ckpt, run.log, run.out_dir
+    if pipeline:
+        runner.configure(cfg)  # the run's batch and loss settings, for the stages run.prepare builds
     ramp = None
     if cfg.batch_ramp:
         try:  # batch size per step (global), fixed by the step alone: a resume recomputes the same sizes
@@ -328,10 +343,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         extra["context_extension"] = saved_state["context_extension"]  # resuming a stage keeps its record
     start = run.restore(model, optimizer, tokenizer, batches, **extra)  # each rank loads its shards; then --compile
     model.train()
-    routers = balance.routers(model)
+    routers = runner.routers() if pipeline else balance.routers(model)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
 
     def micro_batches():
+        if pipeline:  # the schedule runs its microbatches' forward and backward (losses already / grad_accum)
+            for _ in range(cfg.grad_accum):
+                yield runner.forward_backward(next(batches).to(device))
+            return
         for _ in range(cfg.grad_accum):
             with autocast(device):
                 losses = compute_losses(model, next(batches).to(device), cfg)
@@ -351,7 +370,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             rec["batch_size"] = ramp[i]
         return rec, finite
 
-    final, last_eval = run.loop(cfg.max_steps, step, lambda: evaluate(model, val, cfg, device), desc="train",
+    final, last_eval = run.loop(cfg.max_steps, step, (lambda: runner.evaluate(val)) if pipeline else
+                                (lambda: evaluate(model, val, cfg, device)), desc="train",
                                 eval_at_start=stage is not None)  # a stage's step-0 eval: the long-length loss before
     final_step = max(start, cfg.max_steps)
 
