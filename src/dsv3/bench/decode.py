@@ -49,9 +49,8 @@ from .decode_engines import (OursEngine, Peer, Precision, RunContext, agreement,
                              dynamic_cache_bytes, resolve_peer)
 from .decode_preset import (WARMUP_TOKENS, bench_decode_roofline, format_bench_roofline, random_model,
                             random_prompts)
-from .machine import cpu_info, load_average
+from .machine import load_average, machine_info, resolve_device, torch_threads
 from .roofline import ExpertCounter, bandwidth_probe, decode_step_bytes, measure_bandwidth, model_step_bytes
-from .train import machine_info, resolve_device, torch_threads
 
 # The random-preset roofline and the roofline pieces stay importable from here (they lived here before).
 __all__ = ["bench_decode", "format_bench_decode", "parse_batches", "bench_decode_roofline", "format_bench_roofline",
@@ -312,7 +311,7 @@ def _bench_decode(model_dir: Path, batches: list[int], prompt_len: int, gen_len:
         "quantize": precision.quantize,
         "peers": peer_report,
         "engine": dict(engine_kwargs),
-        "machine": {**machine_info(threads, dev), **cpu_info(), "load_avg_before": load_before,
+        "machine": {**machine_info(threads, dev), "load_avg_before": load_before,
                     "load_avg_after": load_average()},
         "runs": runs,
         "errors": errors,

@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from .machine import cpu_info, load_average, sync
+from .machine import load_average, machine_info, resolve_device, sync, torch_threads
 from .roofline import bandwidth_probe, datasheet_bandwidth, decode_step_bytes, model_step_bytes
-from .train import machine_info, resolve_device, torch_threads
 
 WARMUP_TOKENS = 8        # new tokens per sequence in a warmup round (just enough to touch every code path)
 
@@ -146,7 +145,7 @@ def _bench_roofline(preset_name, dt, batch, prompt_len, gen_len, repeats, seed, 
         "preset": preset_name, "dtype": str(dt).removeprefix("torch."), "quantize": quantize, "random_weights": True,
         "params": model.num_params(include_mtp=False), "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
         "repeats": repeats, "device_name": gpu_name,
-        "machine": {**machine_info(torch.get_num_threads(), dev), **cpu_info(), "load_avg_after": load_average()},
+        "machine": {**machine_info(torch.get_num_threads(), dev), "load_avg_after": load_average()},
         "bytes_per_step": need, "measured_bandwidth_bytes_per_s": bw, "bandwidth": probe,
         "datasheet_bandwidth_bytes_per_s": sheet,
         "results": results,

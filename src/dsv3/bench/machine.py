@@ -1,6 +1,12 @@
-"""What a benchmark ran on, beyond :func:`dsv3.cpu.cpu_features` (CPU model, the flags that select
-kernels, torch's CPU capability): the last-level cache size (which sizes the bandwidth probe), the
-load other processes put on the cores, and a device sync for wall-clock timing.
+"""What every benchmark shares: the device it runs on, its thread count, wall-clock timing, and a
+record of the machine.
+
+- :func:`resolve_device` (checked usable), :func:`torch_threads` (a thread count for a block,
+  restored after), :func:`sync` (wait for queued device work before reading a clock);
+- :func:`machine_info`: one JSON-ready dict for a result -- the host (CPU model, the cores this
+  process may use, threads, torch / transformers / Python versions, date, load average), plus
+  :func:`cpu_info`: the flags that select kernels, torch's CPU capability, the bf16 units
+  (:func:`dsv3.cpu.cpu_features`) and the last-level cache size (which sizes the bandwidth probe).
 
 The flags matter for comparing CPU engines: bf16 GEMMs are fast only with AVX512-BF16 or AMX, and
 llama.cpp, oneDNN and vLLM's CPU backend each pick their kernels from them. Cache sizes come from
@@ -9,10 +15,15 @@ sysfs (Linux); elsewhere they are ``None`` rather than errors.
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .. import device as dsv3_device
 
 _SYSFS_CPU = Path("/sys/devices/system/cpu")
 
@@ -86,3 +97,51 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU), so wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The benchmark device (default: cuda if available), checked usable; ValueError otherwise."""
+    try:
+        dev = dsv3_device.resolve_device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    return dev
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``threads`` intra-op threads (None: unchanged), restoring the process-wide setting."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def machine_info(threads: int, device: torch.device) -> dict:
+    """What the numbers were measured on: host, versions, date and load, and :func:`cpu_info`."""
+    info = {
+        **cpu_info(),
+        "cpu": cpu_info()["cpu_model"] or platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    load = load_average()
+    if load is not None:
+        info["load_avg_1m"] = load[0]   # other processes competing for the cores
+    return info

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .train import machine_info
+from .machine import machine_info
 
 REQUEST_TIMEOUT_S = 600
 WARMUP_REQUESTS = 2

@@ -15,23 +15,20 @@ not raised.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import device as dsv3_device
 from ..config import ModelConfig
 from ..config import preset as get_preset
 from ..model import Transformer
+from .machine import machine_info, resolve_device, sync, torch_threads
 
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 0.1
 MTP_WEIGHT = 0.3          # lambda of the MTP loss (DESIGN.md §2), for the optional MTP line
@@ -45,68 +42,6 @@ MAX_PARAMS = 1_000_000_000
 
 
 # ------------------------------------------------------------------------------------- helpers
-def resolve_device(device: str | None) -> torch.device:
-    """The benchmark device (default: cuda if available), checked usable; ValueError otherwise."""
-    try:
-        dev = dsv3_device.resolve_device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    return dev
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    """Run with ``threads`` intra-op threads (None: unchanged), restoring the process-wide setting."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def machine_info(threads: int, device: torch.device) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
-        "threads": threads,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_avg_1m"] = os.getloadavg()[0]   # other processes competing for the cores
-    except OSError:
-        pass
-    return info
-
-
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, S, V]`` against ``targets [B, S]``.
 
@@ -115,11 +50,6 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     the backward pass.
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device):
@@ -150,7 +80,7 @@ class Runner:
 
     def step(self, window: torch.Tensor) -> float:
         """One full training step; returns its wall time in seconds (and records the loss)."""
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         with _autocast(self.device):
             loss = self.loss_fn(window)
@@ -158,7 +88,7 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         value = loss.item()          # also waits for the device
-        _sync(self.device)
+        sync(self.device)
         dt = time.perf_counter() - t0
         self.losses.append(value)
         return dt

@@ -22,7 +22,7 @@ are exactly those of the plain version (three of ``N x D x V``); what disappears
 
 Semantics match ``F.cross_entropy(hidden @ weight.T, target, ignore_index=...)`` with mean
 reduction over the non-ignored targets (``nan`` when every target is ignored, as torch does).
-Under CUDA autocast the matmuls run in the autocast dtype and the softmax in fp32, like
+Under autocast (CUDA or CPU) the matmuls run in the autocast dtype and the softmax in fp32, like
 ``F.cross_entropy(lm_head(h).float(), ...)`` under autocast.
 """
 
@@ -73,8 +73,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         chunk_size = default_chunk_size(x.shape[0], weight.shape[0], x.device)
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    if torch.is_autocast_enabled(x.device.type) and x.device.type == "cuda":
-        compute_dtype = torch.get_autocast_dtype(x.device.type)
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # the head GEMMs in the autocast dtype on any device (on CPU too: left in fp32 they were a
+        # fifth of a bf16 training step's GEMM work); softmax and the dW/dx sums stay fp32
+        compute_dtype = torch.get_autocast_dtype(dev)
     else:
         compute_dtype = torch.promote_types(x.dtype, weight.dtype)
     # Computing the gradient costs two of the three matmuls: skip it when nobody will ask for it.

@@ -130,10 +130,28 @@ class RoutedExperts(nn.Module):
         # dtype and grad mode only, never on tensor values, so a graph stays one graph.
         if grouped_mm_usable(x, self.gate_proj):  # three grouped GEMMs, same function (kernels/)
             return grouped_swiglu(x, weights, topk, self.gate_proj, self.up_proj, self.down_proj)
+        stacked = (self.gate_proj, self.up_proj, self.down_proj)
+        low = autocast_weight_dtype(x, self.gate_proj)
+        if low is not None:
+            # Left to autocast, every expert's matmuls would cast their own weight slices and their
+            # own token chunk (twice: gate and up) to bf16 -- 3E weight and 2E token casts per layer
+            # forward and as many in backward, each a separate op. Casting the stacked weights and
+            # the gathered tokens once gives the same bf16 operands, so the same results, in 4 casts.
+            stacked = tuple(w.to(low) for w in stacked)
         # unbind gives per-expert views whose backward stacks the E gradients once; indexing
         # self.gate_proj[e] instead would allocate and add a full [E, I, D] zero gradient per expert.
-        per_expert = list(zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)))
-        return dispatch_experts(x, weights, topk, per_expert, swiglu_expert)
+        per_expert = list(zip(*(w.unbind(0) for w in stacked)))
+        return dispatch_experts(x, weights, topk, per_expert, swiglu_expert, compute_dtype=low)
+
+
+def autocast_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a GEMM of ``x`` with the higher-precision ``weight`` in, or None
+    (autocast off on x's device, or the weight is not wider than the autocast dtype)."""
+    dev = x.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return None
+    low = torch.get_autocast_dtype(dev)
+    return low if weight.dtype.itemsize > low.itemsize else None
 
 
 def swiglu_expert(chunk: torch.Tensor, route_w: torch.Tensor, w: tuple) -> torch.Tensor:
@@ -148,13 +166,16 @@ def swiglu_expert(chunk: torch.Tensor, route_w: torch.Tensor, w: tuple) -> torch
 
 
 def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, per_expert: Sequence,
-                     run: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> torch.Tensor:
+                     run: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference expert loop: ``sum_k weights[t,k] * run(x[t], ., per_expert[topk[t,k]])``  [T, D].
 
     Token slots are grouped by expert (a stable sort), each non-empty group goes through
     ``run(chunk [n, D], route_w [n, 1], per_expert[e])`` once, and the results are added straight into
     their tokens' rows, so no [T*k, D] concatenation is built (nor split again in the backward pass).
-    The FP8 variants (quant/, train/fp8.py) call this with their own ``run``.
+    ``compute_dtype`` (e.g. bf16 under autocast) casts the gathered rows and gate weights once, before
+    the split; the sum stays in x's dtype. The FP8 variants (quant/, train/fp8.py) call this with
+    their own ``run``.
     """
     k = topk.shape[1]
     flat = topk.flatten()
@@ -165,6 +186,8 @@ def dispatch_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor,
     # accumulating index_put_ (several times slower on CPU for the T*k duplicated rows).
     xs = x.index_select(0, token)                   # [T*k, D]
     route_w = weights.flatten()[order].unsqueeze(-1)  # [T*k, 1] fp32, in the same order
+    if compute_dtype is not None:
+        xs, route_w = xs.to(compute_dtype), route_w.to(compute_dtype)
     out = torch.zeros_like(x)
     for chunk, rw, tok, w in zip(xs.split(counts), route_w.split(counts), token.split(counts), per_expert):
         if chunk.shape[0] == 0:

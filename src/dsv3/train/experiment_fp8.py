@@ -1,7 +1,8 @@
 """FP8 vs high-precision training (DeepSeek-V3 §3.3, Figure 10), reproduced at tiny scale.
 
 The same model, data, seed and steps, trained twice:
-  baseline   the trainer's own precision: bf16 autocast on a GPU, fp32 on CPU
+  baseline   the trainer's own precision (``--dtype``; auto: bf16 autocast on a GPU or a CPU with bf16
+             units, fp32 elsewhere)
   fp8        FP8 GEMMs in forward and backward (train/fp8.py), fp32 master weights, bf16 Adam moments
 and compared step by step. The relative loss error ``|L_fp8 - L_base| / L_base`` is reported per step,
 on loss curves smoothed over ``SMOOTH`` steps (the per-step noise of a tiny batch is not a precision
@@ -24,8 +25,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..device import resolve_device
 from ..knobs import knob, positive_int
+from .precision import train_dtype
 from .trainer import TrainConfig, train
 
 SMOOTH = 10             # moving-average window (steps) for the smoothed curves
@@ -82,7 +86,8 @@ def run_fp8_experiment(base: TrainConfig, out: str | Path, exp: FP8ExperimentCon
     """
     exp = exp or FP8ExperimentConfig()
     out = Path(out)
-    on_gpu = resolve_device(base.device).type == "cuda"
+    # the baseline runs in the trainer's precision (--dtype; auto: bf16 on a GPU or a CPU with bf16 units)
+    high = "bf16 autocast" if train_dtype(base.dtype, resolve_device(base.device)) == torch.bfloat16 else "fp32"
     overrides = {**exp.model_overrides(), **base.model_overrides}
     arms = [("baseline", False, base.seed), ("fp8", True, base.seed)]
     if exp.noise_floor:
@@ -90,9 +95,9 @@ def run_fp8_experiment(base: TrainConfig, out: str | Path, exp: FP8ExperimentCon
     for arm, use_fp8, seed in arms:
         cfg = dataclasses.replace(base, out=str(out / arm), cache_dir=str(out / "shared"), sample_tokens=0,
                                   save_every=0, fp8=use_fp8, seed=seed, model_overrides=overrides)
-        log(f"== {arm} ({'FP8 GEMMs' if use_fp8 else 'bf16 autocast' if on_gpu else 'fp32'}, seed {seed})")
+        log(f"== {arm} ({'FP8 GEMMs' if use_fp8 else high}, seed {seed})")
         train(cfg, log=log)
-    result = summarize_fp8_experiment(out, base.fp8_block, "bf16 autocast" if on_gpu else "fp32")
+    result = summarize_fp8_experiment(out, base.fp8_block, high)
     result["model_overrides"] = overrides
     result["k_blocks_hidden"] = overrides["hidden_size"] / base.fp8_block
     (out / "fp8_results.json").write_text(json.dumps(result, indent=2) + "\n")
