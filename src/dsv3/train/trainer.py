@@ -27,10 +27,11 @@ from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
 from .batch_ramp import BatchRamp, batch_ramp_spec
-from .loop import LoopOptions, Run, autocast, optimizer_update, runner_from_env
+from .loop import LoopOptions, Run, optimizer_update, runner_from_env
 from .latent_scaling import latent_projections, latent_scale, scale_latent_init
 from .context import ContextStage, plan_stage
 from .optim import Schedule
+from .precision import autocast
 from .state import read_trainer_state
 
 
@@ -221,7 +222,7 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, 
     loss_sum, n_tok, mtp_hit, mtp_n = 0.0, 0, 0, 0
     for w in batches:
         w = w.to(device)
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             out = compute_losses(model, w, cfg)
         ntok = w[:, 1:].numel()
         loss_sum += float(out["lm_loss"]) * ntok
@@ -352,7 +353,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
                 yield runner.forward_backward(next(batches).to(device))
             return
         for _ in range(cfg.grad_accum):
-            with autocast(device):
+            with autocast(device, cfg.dtype):
                 losses = compute_losses(model, next(batches).to(device), cfg)
             yield losses["loss"] / cfg.grad_accum, {k: float(losses[k].detach()) / cfg.grad_accum
                                                     for k in LOGGED_LOSSES if k in losses}
