@@ -275,6 +275,37 @@ def test_sft_lora_learns_resumes_exactly_merges_and_serves(chat_setup, tmp_path,
     got = LLM(str(path), adapter=str(final), max_num_seqs=1, max_model_len=64).generate([prompt], sp)[0]
     want = LLM(str(merged_dir), max_num_seqs=1, max_model_len=64).generate([prompt], sp)[0]
     assert got.token_ids == want.token_ids
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        LLM(str(final))                                          # the adapter alone is not a model
+    assert main(["generate", "--model", str(path), "--adapter", str(final), "--prompt", "What is 1 + 2?",
+                 "--max-tokens", "3", "--temperature", "0"]) == 0
     with pytest.raises(SystemExit):
         main(["merge-lora", str(path), str(tmp_path / "nowhere"), str(tmp_path / "m2")])
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_an_adapter_peft_trained_loads_into_ours(tmp_path):
+    """The other direction: an attention adapter made and saved by peft on transformers' model gives
+    the same logits on our model after load_adapter."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_parity_hf import build_hf, hf_config_dict, input_ids
+    d = hf_config_dict()
+    hf = build_hf(d, 0)
+    hf.save_pretrained(tmp_path / "base")
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,  # random B: not a no-op
+                          target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf, cfg).eval()
+        pm.save_pretrained(tmp_path / "ad")
+    x = input_ids(d["vocab_size"])
+    ours = load_adapter(dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval(), tmp_path / "ad")
+    plain = dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = pm(x).logits
+        assert (want - plain(x)).abs().max() > 0.1                      # the adapter matters
+        torch.testing.assert_close(ours(x), want, rtol=0, atol=1e-4)
+    assert all(m.rank == 4 and m.scaling == 3.0 for _, m in lora_modules(ours))
