@@ -85,6 +85,21 @@ def _quiet(*_a, **_k):
     pass
 
 
+def _record_rng_at_saves(where: Path) -> None:
+    """Write this process's torch and python RNG states at every checkpoint save to ``where/NAME.*``."""
+    import random
+    from safetensors.torch import save_file
+    from dsv3.train.parallel import checkpoint
+    original = checkpoint.save_parallel_checkpoint
+    where.mkdir()
+
+    def spy(ctx, out_dir, name, *args, **kwargs):
+        save_file({"torch": torch.get_rng_state()}, str(where / f"{name}.safetensors"))
+        (where / f"{name}.json").write_text(json.dumps(random.getstate()))
+        return original(ctx, out_dir, name, *args, **kwargs)
+    checkpoint.save_parallel_checkpoint = spy   # the forked process's copy of the module
+
+
 def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -92,6 +107,7 @@ def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
     try:
         cache_p, tmp_p = Path(cache), Path(tmp)
         if world == 2:
+            _record_rng_at_saves(tmp_p / f"rng-{rank}")
             train(run_config(cache_p, tmp_p / "ep2", ep=2), log=_quiet)
             resumes = {"again": 2, "fsdp": 1}
         else:
@@ -156,6 +172,22 @@ def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread
     next(state_dir(broken / "checkpoint-2").glob("*.safetensors")).unlink()
     assert state_dir(broken / "checkpoint-2") is None and list_checkpoints(broken) == []
     assert resume_point(broken) is None
+
+    # the RNGs come back as they were at the save (rank 0's; every rank's are the same here)
+    import random
+    from dsv3 import Transformer
+    from dsv3.config import ModelConfig
+    from dsv3.train.optim import build_optimizer
+    from dsv3.train.parallel.checkpoint import load_sharded_checkpoint
+    for r in (0, 1):
+        assert torch.equal(load_file(str(tmp_path / f"rng-{r}" / "checkpoint-2.safetensors"))["torch"],
+                           load_file(str(tmp_path / "rng-0" / "checkpoint-2.safetensors"))["torch"])
+    torch.manual_seed(12345)
+    random.seed(12345)
+    model = Transformer(ModelConfig.from_json_file(ckpt))
+    assert load_sharded_checkpoint(ckpt, model, build_optimizer(model, 0.0))["step"] == 2
+    assert torch.equal(torch.get_rng_state(), load_file(str(tmp_path / "rng-0" / "checkpoint-2.safetensors"))["torch"])
+    assert json.loads(json.dumps(random.getstate())) == json.loads((tmp_path / "rng-0" / "checkpoint-2.json").read_text())
 
     # same layout: bit-identical continuation and final weights
     again = tmp_path / "again"

@@ -273,9 +273,10 @@ def save_parallel_checkpoint(ctx: DistContext, out_dir: Path, name: str, model: 
 
 @torch.no_grad()
 def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            mesh: DeviceMesh | None = None) -> dict:
+                            mesh: DeviceMesh | None = None, rng: bool = True) -> dict:
     """Resume from sharded checkpoint ``path`` at this process's layout (any world size, or one process
-    without a process group): weights, optimizer, RNG. Returns the trainer state.
+    without a process group): weights, optimizer, RNG (``rng=False``: leave this process's RNGs as they
+    are). Returns the trainer state.
 
     ``mesh``: the expert mesh (:func:`expert_mesh`) when ``model`` has EP experts."""
     s = state_dir(Path(path))
@@ -294,7 +295,8 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     # the tensors are filled in place; set_state_dict also takes the param groups' numbers back
     set_state_dict(model, optimizer, model_state_dict=model_sd,
                    optim_state_dict={"state": optim_sd["state"], "param_groups": trainer_state["optimizer_param_groups"]})
-    restore_rng(trainer_state, state["rng"]["torch"])
+    if rng:
+        restore_rng(trainer_state, state["rng"]["torch"])
     return trainer_state
 
 
@@ -321,7 +323,7 @@ def export_pretrained(checkpoint: Path, out: Path, tokenizer=None) -> Path:
     from ..optim import build_optimizer
     checkpoint, out = Path(checkpoint), Path(out)
     model = Transformer(ModelConfig.from_json_file(checkpoint))
-    load_sharded_checkpoint(checkpoint, model, build_optimizer(model, 0.0))
+    load_sharded_checkpoint(checkpoint, model, build_optimizer(model, 0.0), rng=False)
     save_pretrained(model, out)
     if tokenizer is None:
         from ...tokenizer import Tokenizer
