@@ -48,14 +48,36 @@ class PagedLatentCache:
         return self.c_kv.numel() * self.c_kv.element_size() + self.k_pe.numel() * self.k_pe.element_size()
 
 
+    def key_blocks(self, table: list[int], ctx_len: int, block_len: int) -> list[tuple[int, int, int | None]]:
+        """Positions ``[0, ctx_len)`` of a sequence cut into attention blocks of ``block_len`` positions:
+        ``(start, end, first_slot)`` with ``first_slot`` set when the block's slots are consecutive
+        (its pages follow each other in the cache; then the block is a plain view of the cache),
+        None when the block must be gathered slot by slot."""
+        if block_len < 1:
+            raise ValueError(f"attention block length must be >= 1, got {block_len}")
+        bs, out = self.block_size, []
+        for start in range(0, ctx_len, block_len):
+            end = min(ctx_len, start + block_len)
+            pages = table[start // bs: (end - 1) // bs + 1]
+            consecutive = all(b == pages[0] + i for i, b in enumerate(pages))
+            out.append((start, end, pages[0] * bs + start % bs if consecutive else None))
+        return out
+
+
 @dataclass
 class SeqSlice:
     """One sequence's part of a packed batch: query tokens ``[q_start, q_start+q_len)`` of the row,
-    attending over ``context_slots`` (its positions ``0..ctx_len-1``, the queries being the last)."""
+    attending over its positions ``0..ctx_len-1`` (the queries being the last), found at
+    ``context_slots`` and attended in ``key_blocks`` (see :meth:`PagedLatentCache.key_blocks`)."""
 
     q_start: int
     q_len: int
-    context_slots: torch.Tensor  # [ctx_len] long
+    context_slots: torch.Tensor | None  # [ctx_len] long; None when every key block is consecutive
+    key_blocks: list[tuple[int, int, int | None]]
+
+    @property
+    def ctx_len(self) -> int:
+        return self.key_blocks[-1][1]
 
 
 class PagedBatch:
@@ -65,7 +87,9 @@ class PagedBatch:
     sequence's block table and its own context length (its position + 1), which covers decoding and
     the verification of speculative drafts (causality comes from the per-row length); attention runs
     for all rows at once through :func:`dsv3.kernels.mla_decode.mla_decode`. *Sequences* (``seqs``
-    given): longer prompt chunks, attended one sequence at a time over its gathered latents.
+    given): longer prompt chunks, attended one sequence at a time over its latents block by block
+    (:meth:`dsv3.model.mla.MLA.attend_blocks`: a block is a view of the cache when its pages are
+    consecutive, else a gather of that block's slots; nothing is copied for the whole context).
     """
 
     def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, seqs: list[SeqSlice] | None = None,
@@ -87,24 +111,24 @@ class PagedBatch:
         kv = self.cache.kv[mla.layer_idx]                                        # [slots, r+rope]
         r = self.cache.kv_lora_rank
         if self.block_tables is not None:
-            # A kv_b_proj stored for the absorbed products (weight-only int8: Int8AbsorbedProj)
-            # multiplies by itself; a plain one is read through MLA.absorbed_weights' views.
-            kv_b = mla.kv_b_proj
-            if hasattr(kv_b, "absorb_query"):
-                q_lat = kv_b.absorb_query(q_nope[0])                            # [N,H,r]
-            else:
-                w_uk, w_uv = mla.absorbed_weights()                              # [H,nope,r], [H,v,r]
-                q_lat = torch.bmm(q_nope[0].transpose(0, 1), w_uk).transpose(0, 1)   # [N,H,r]
-            q = torch.cat([q_lat, q_pe[0]], dim=-1)                              # [N,H,r+rope]
+            q = torch.cat([mla.absorb_query(q_nope[0]), q_pe[0]], dim=-1)        # [N,H,r+rope]
             o_lat = mla_decode(q, kv, self.block_tables, self.context_lens, mla.softmax_scale, r,
                                self.cache.block_size)                            # [N,H,r]
-            if hasattr(kv_b, "absorb_output"):
-                return kv_b.absorb_output(o_lat).unsqueeze(0)                    # [1,N,H,v]
-            out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))        # [H,N,v]
-            return out.transpose(0, 1).unsqueeze(0)
+            return mla.absorb_output(o_lat).unsqueeze(0)                         # [1,N,H,v]
         outs = []
         for s in self.seqs:
             q = slice(s.q_start, s.q_start + s.q_len)
-            lat = kv[s.context_slots][None]                                      # [1,T,r+rope]
-            outs.append(mla.attend(q_nope[:, q], q_pe[:, q], lat[..., :r], lat[..., r:], absorb))
-        return torch.cat(outs, dim=1)
+            # The path (naive per block, or absorbed) is chosen by FLOPs for this chunk and context.
+            outs.append(mla.attend_blocks(q_nope[0, q], q_pe[0, q], self._latent_blocks(kv, s),
+                                          s.ctx_len - s.q_len))                  # [q_len,H,v]
+        return torch.cat(outs, dim=0).unsqueeze(0)
+
+    def _latent_blocks(self, kv: torch.Tensor, s: SeqSlice):
+        """Yield ``(c_kv [T_b, r], k_pe [T_b, rope], start)`` for one sequence's key blocks of layer ``kv``."""
+        r = self.cache.kv_lora_rank
+        for start, end, first in s.key_blocks:
+            if first is not None:
+                lat = kv[first: first + end - start]                                  # a view, no copy
+            else:
+                lat = kv.index_select(0, s.context_slots[start:end])                  # one block's gather
+            yield lat[:, :r], lat[:, r:], start

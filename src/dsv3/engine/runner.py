@@ -4,7 +4,8 @@ The new tokens of all scheduled sequences are packed into one row ``[1, N]`` wit
 positions; :class:`PagedBatch` routes each layer's attention through the sequences' block tables.
 When every sequence brings at most ``max_row_queries`` tokens (decoding, verifying speculative
 drafts) each token is an attention row of its own over the paged cache; longer prompt chunks are
-attended sequence by sequence. When static steps are enabled (:class:`dsv3.engine.cuda_graph.CUDAGraphDecoder`:
+attended sequence by sequence, over the cache in blocks of ``attention_block`` positions (the working
+set of a chunk does not grow with its context). When static steps are enabled (:class:`dsv3.engine.cuda_graph.CUDAGraphDecoder`:
 CUDA graphs and/or ``torch.compile``), every step whose sequences bring at most its
 ``max_query_len`` tokens (decoding, verifying drafts, MTP drafting) runs there instead, through the
 same model forward.
@@ -23,10 +24,16 @@ Item = tuple[list[int], int, list[int]]
 
 class ModelRunner:
     """Packs items into one forward. ``max_row_queries``: the most new tokens a sequence may bring
-    for the batch to run as attention rows (the speculative verify length fits comfortably)."""
+    for the batch to run as attention rows (the speculative verify length fits comfortably).
+    ``attention_block``: cached positions per key block when prompt chunks attend (512 keeps a
+    score tile of 128 queries x 512 keys x 4 heads in about 1 MiB of cache)."""
 
-    def __init__(self, model: Transformer, cache: PagedLatentCache, max_row_queries: int = 16):
+    def __init__(self, model: Transformer, cache: PagedLatentCache, max_row_queries: int = 16,
+                 attention_block: int = 512):
+        if attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {attention_block}")
         self.model, self.cache, self.max_row_queries = model, cache, max_row_queries
+        self.attention_block = attention_block
         self.device = model.embed_tokens.weight.device
         self.graphs = None      # a CUDAGraphDecoder, set by the engine (cuda_graphs or compile)
 
@@ -42,8 +49,11 @@ class ModelRunner:
             if as_rows:
                 tables += [table] * len(toks)
             else:
-                ctx = self.cache.slots(table, 0, end)
-                seqs.append(SeqSlice(len(ids), len(toks), torch.tensor(ctx, dtype=torch.long, device=self.device)))
+                blocks = self.cache.key_blocks(table, end, self.attention_block)
+                ctx = None  # slot indices only when some block is not a plain view of the cache
+                if any(first is None for _, _, first in blocks):
+                    ctx = torch.tensor(self.cache.slots(table, 0, end), dtype=torch.long, device=self.device)
+                seqs.append(SeqSlice(len(ids), len(toks), ctx, blocks))
             ids += toks
             pos += range(start, end)
             write += [table[p // bs] * bs + p % bs for p in range(start, end)]

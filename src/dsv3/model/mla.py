@@ -10,15 +10,25 @@ naive:    materialize per-head K = [k_nope, k_pe] and V, then scaled-dot-product
 absorbed: fold W_UK into the query (q_lat = q_nope @ W_UK, [H, r]) and W_UV into the output, so
           attention runs directly over the cached latents (c_kv, k_pe); nothing per-head is stored.
 Both give the same result; the cache only ever holds c_kv and k_pe.
+
+Over a long cached context (the engine's prompt chunks), :meth:`MLA.attend_blocks` runs either path
+one block of cached latents at a time with an online softmax (:mod:`dsv3.kernels.blocked_attention`):
+the naive path decompresses per-head K/V for one block only, the absorbed path reads the latents
+as they are. Which is cheaper depends on the number of queries (:meth:`MLA.absorbed_is_cheaper`):
+per key, naive pays ``r * H * (nope + v)`` once to decompress plus ``H * (qk + v)`` per query, absorbed
+``H * (2r + rope)`` per query; long chunks take the naive path, a few rows the absorbed one.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_get_mscale
+from ..kernels.blocked_attention import blocked_attention
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -111,6 +121,68 @@ class MLA(nn.Module):
         """``W_UK [H, nope, r]`` and ``W_UV [H, v, r]`` views of ``kv_b_proj.weight``."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope:]
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``q_nope [N, H, nope] -> q_nope @ W_UK  [N, H, r]``.
+
+        A ``kv_b_proj`` stored for the absorbed products (weight-only int8: ``Int8AbsorbedProj``)
+        multiplies by itself; a plain one is read through :meth:`absorbed_weights`' views."""
+        if hasattr(self.kv_b_proj, "absorb_query"):
+            return self.kv_b_proj.absorb_query(q_nope)
+        w_uk, _ = self.absorbed_weights()                                         # [H, nope, r]
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+    def absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """``o_lat [N, H, r] -> o_lat @ W_UV^T  [N, H, v]`` (the heads' values from the latent output)."""
+        if hasattr(self.kv_b_proj, "absorb_output"):
+            return self.kv_b_proj.absorb_output(o_lat)
+        _, w_uv = self.absorbed_weights()                                         # [H, v, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def absorbed_is_cheaper(self, num_queries: int, context: int) -> bool:
+        """Whether ``num_queries`` queries over ``context`` cached latents cost fewer FLOPs absorbed
+        than naive (decompressing each key's per-head K/V once, then per-head attention)."""
+        H, r = self.n_heads, self.rank
+        naive = context * r * H * (self.nope + self.v_dim) + num_queries * context * H * (self.nope + self.rope + self.v_dim)
+        absorbed = num_queries * context * H * (2 * r + self.rope) + num_queries * H * r * (self.nope + self.v_dim)
+        return absorbed < naive
+
+    def attend_blocks(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                      latents: Iterable[tuple[torch.Tensor, torch.Tensor, int]], q_start: int,
+                      absorb: bool | None = None, q_tile: int | None = None) -> torch.Tensor:
+        """One sequence's queries over its cached latents, one block at a time (causal).
+
+        q_nope [S,H,nope], q_pe [S,H,rope] at positions ``q_start..q_start+S-1``; ``latents`` yields
+        ``(c_kv [T_b, r], k_pe [T_b, rope], start)`` blocks (views of the cache where possible), which
+        must include every position up to ``q_start + S - 1`` -> ``[S, H, v]``.
+        ``absorb``: the path; None picks the one with fewer FLOPs for this many queries and context.
+        Nothing per-head is ever built for more than one block, nor scores for more than one tile.
+        """
+        S = q_nope.shape[0]
+        if absorb is None:
+            absorb = self.absorbed_is_cheaper(S, q_start + S)
+        tile = {} if q_tile is None else {"q_tile": q_tile}
+        if absorb:
+            q = torch.cat([self.absorb_query(q_nope), q_pe], dim=-1).transpose(0, 1)   # [H,S,r+rope]
+
+            def shared(blocks):  # every head attends over the same latent: k [1,T_b,r+rope], v = c_kv
+                for c_kv, k_pe, start in blocks:
+                    yield torch.cat([c_kv, k_pe], dim=-1)[None], c_kv[None], start
+
+            o_lat = blocked_attention(q.contiguous(), shared(latents), self.softmax_scale, q_start, **tile)
+            return self.absorb_output(o_lat.transpose(0, 1))                      # [S,H,v]
+        H = self.n_heads
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1).contiguous()        # [H,S,qk]
+
+        def per_head(blocks):  # decompress this block's keys and values only
+            for c_kv, k_pe, start in blocks:
+                Tb = c_kv.shape[0]
+                kv = self.kv_b_proj(c_kv).view(Tb, H, self.nope + self.v_dim).transpose(0, 1)   # [H,T_b,nope+v]
+                k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+                k = torch.cat([k_nope, k_pe[None].expand(H, Tb, self.rope)], dim=-1)          # [H,T_b,qk]
+                yield k, v.contiguous(), start
+
+        return blocked_attention(q, per_head(latents), self.softmax_scale, q_start, **tile).transpose(0, 1)
 
     def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention straight over the latents; ``mask`` [S,T] or [B,S,T] bool (True = may attend) or None."""
