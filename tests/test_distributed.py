@@ -12,7 +12,9 @@ every distributed check in one process group:
     ranks hold identical selection biases after every update;
   - a single-process checkpoint resumes at 2 ranks (with EP) with the same next losses;
   - SFT (the same training loop) at 2 ranks logs the same assistant-token losses as in one process,
-    although the ranks' slices hold different numbers of assistant tokens.
+    although the ranks' slices hold different numbers of assistant tokens;
+  - GRPO at 2 ranks (each rank samples half the prompts on a gathered copy of the sharded policy)
+    samples the same completions and logs the same rewards, losses and greedy eval as in one process.
 The parent then resumes the 2-rank EP run's checkpoint in one process: same next losses.
 """
 
@@ -70,6 +72,32 @@ def sft_config(tmp: Path, out: str):
     return SFTConfig(model=str(tmp / "single" / "final"), data=[str(tmp / "chat.jsonl")], out=str(tmp / out),
                      max_steps=3, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=0, save_every=2, eval_every=2,
                      val_fraction=0.2, progress=False, device="cpu")
+
+
+def grpo_config(tmp: Path, out: str):
+    """2 GRPO steps of 4 prompts x 3 samples (two prompts per rank), micro-batches of 3 completions,
+    a checkpoint and a greedy eval after each step, from the single-process SFT model; the reward
+    (VOWEL_TASK) differs between almost any two completions, so every group has advantages. (The
+    logged kl / clip_frac / ratio_mean are token means per micro-batch, weighted by completions, so
+    they depend on how completions fall into micro-batches: 3 = one group keeps that the same.)"""
+    from dsv3.post.grpo import GRPOConfig
+    return GRPOConfig(model=str(tmp / "sft1" / "final"), task=str(tmp / "vowels.py"), out=str(tmp / out), max_steps=2,
+                      prompts_per_step=4, group_size=3, max_new_tokens=6, lr=3e-3, seed=3, micro_batch=3,
+                      save_every=1, eval_every=1, eval_problems=3, progress=False, device="cpu")
+
+
+VOWEL_TASK = """
+prompts = ["What is 2 + 3?", "Sort: 3 1 2", "Name a colour.", "Balanced? ()"]
+def reward(prompt, completion):
+    return sum(c in "aeiou" for c in completion) / max(1, len(completion)) + 0.01 * len(completion)
+"""
+
+
+def grpo_records(out: Path) -> tuple[list[dict], list[dict]]:
+    """(step records without their timings, eval records)."""
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [{k: v for k, v in r.items() if k not in ("sample_s", "step_s")} for r in recs if "kind" not in r]
+    return steps, [r for r in recs if r.get("kind") == "eval"]
 
 
 def sft_losses(out: Path) -> tuple[list[float], list[float], list[float]]:
@@ -197,6 +225,8 @@ def _worker(rank: int, cache: str, tmp: str) -> None:
         _train_recording_biases(dataclasses.replace(run_config(cache_p, tmp_p / "resume2"), ep=2), resume=True)
         from dsv3.post.sft import sft
         sft(sft_config(tmp_p, "sft2"), log=lambda *a: None)
+        from dsv3.post.grpo import grpo
+        grpo(grpo_config(tmp_p, "grpo2"), log=lambda *a: None)
     except BaseException:
         traceback.print_exc()
         raise
@@ -256,10 +286,13 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
     shutil.copytree(tmp_path / "single", tmp_path / "resume2", ignore=shutil.ignore_patterns("final"))
     # SFT data and its single-process reference, from that run's model
     from dsv3.post.sft import sft
-    from dsv3.post.tasks import Arithmetic, problems
+    from dsv3.tasks import Arithmetic, problems
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(p.sft_record()) + "\n"
                                                  for p in problems(Arithmetic(max_value=99), 30, 0)))
     sft(sft_config(tmp_path, "sft1"), log=lambda *a: None)
+    from dsv3.post.grpo import grpo
+    (tmp_path / "vowels.py").write_text(VOWEL_TASK)
+    grpo(grpo_config(tmp_path, "grpo1"), log=lambda *a: None)
 
     mp.spawn(_worker, args=(str(cache), str(tmp_path)), nprocs=WORLD, join=True)
 
@@ -301,3 +334,22 @@ def test_fsdp_and_expert_parallel_match_single_process(cache, tmp_path, one_thre
     torch.testing.assert_close(torch.tensor(got_val), torch.tensor(ref_val), rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(got_norm), torch.tensor(ref_norm), rtol=1e-5, atol=0)
     assert read_trainer_state(tmp_path / "sft2" / "final")["world_size"] == WORLD
+
+    # GRPO at 2 ranks: the same samples (per-completion seeds), rewards and update as one process
+    ref_steps, ref_evals = grpo_records(tmp_path / "grpo1")
+    got_steps, got_evals = grpo_records(tmp_path / "grpo2")
+    assert len(ref_steps) == len(got_steps) == 2 and len(ref_evals) == 3
+    assert read_trainer_state(tmp_path / "grpo2" / "final")["world_size"] == WORLD
+    assert all(s["reward_std"] > 0 and s["grad_norm"] > 0 and s["kl"] >= 0 for s in ref_steps)  # a real update
+    assert ref_steps[1]["kl"] > 0                            # the policy moved away from the reference
+    exact = ("step", "reward_mean", "reward_std", "accuracy", "format_rate", "completion_len", "lr")
+    for a, b in zip(ref_steps, got_steps):
+        assert {k: b[k] for k in exact} == {k: a[k] for k in exact}
+        for k in ("loss", "kl", "clip_frac", "ratio_mean"):
+            assert b[k] == pytest.approx(a[k], rel=0, abs=1e-5), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert [e["accuracy"] for e in got_evals] == [e["accuracy"] for e in ref_evals]
+    a = load_file(str(tmp_path / "grpo1" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "grpo2" / "final" / "model.safetensors"))
+    for k in a:  # AdamW amplifies float noise where gradients nearly cancel (see above): 1e-4
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)

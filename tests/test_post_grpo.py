@@ -132,7 +132,7 @@ def test_a_few_grpo_steps_raise_the_mean_reward(tmp_path):
     path, tok = tiny_chat_model(tmp_path / "model", seed=1, head_scale=40.0)
     task = tmp_path / "ascii_first.py"
     task.write_text(ASCII_TASK)
-    cfg = GRPOConfig(model=str(path), task=str(task), out=str(tmp_path / "run"), steps=4, prompts_per_step=2,
+    cfg = GRPOConfig(model=str(path), task=str(task), out=str(tmp_path / "run"), max_steps=4, prompts_per_step=2,
                      group_size=8, max_new_tokens=2, lr=3e-3, kl_beta=0.04, seed=0, save_every=0,
                      eval_problems=0, progress=False)
     s = grpo(cfg, log=lambda *a: None)
@@ -146,7 +146,7 @@ def test_a_few_grpo_steps_raise_the_mean_reward(tmp_path):
 
 def test_grpo_resume_is_exact(chat_model, tmp_path):
     path, _ = chat_model
-    base = dict(model=str(path), task="arithmetic", steps=2, prompts_per_step=2, group_size=3, max_new_tokens=5,
+    base = dict(model=str(path), task="arithmetic", max_steps=2, prompts_per_step=2, group_size=3, max_new_tokens=5,
                 lr=1e-3, seed=3, save_every=1, eval_problems=0, progress=False)
     grpo(GRPOConfig(out=str(tmp_path / "a"), **base), log=lambda *a: None)
     shutil.copytree(tmp_path / "a", tmp_path / "b")          # interrupted after checkpoint-1
