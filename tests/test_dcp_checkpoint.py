@@ -16,7 +16,8 @@ ranks, FSDP's reduce-scatter), which moves fp32 results by a few ulps (measured 
 relative, loss ~7.6); a wrong restore moves them by ~1e-2. The integer expert counts are
 all-reduced, so the router biases agree exactly.
 
-Also: one shard file per rank, checkpoint directories complete only with all their shards,
+An SFT run saved at 2 ranks resumes in one process the same way. Also: the torch and python RNGs
+restored as they were at the save, one shard file per rank, checkpoint directories complete only with all their shards,
 ``final/`` the plain HF layout (dsv3.LLM generates from it; its weights equal the sharded copy of
 the same step read in one process), and a clear error where a single-process reader meets shards.
 
@@ -61,10 +62,18 @@ def run_config(cache: Path, out: Path, **over) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def metrics(out: Path) -> tuple[list[float], list[float]]:
-    """(per-step training losses, per-eval validation losses)."""
+def sft_config(tmp: Path, out: str):
+    """3 SFT steps of 4 packed rows (the global batch) from the 2-rank run's final model, a checkpoint at 2."""
+    from dsv3.post.sft import SFTConfig
+    return SFTConfig(model=str(tmp / "ep2" / "final"), data=[str(tmp / "chat.jsonl")], out=str(tmp / out),
+                     max_steps=3, batch_size=4, seq_len=48, lr=3e-3, warmup_steps=0, save_every=2, eval_every=2,
+                     val_fraction=0.2, progress=False, device="cpu")
+
+
+def metrics(out: Path, key: str = "loss") -> tuple[list[float], list[float]]:
+    """(per-step training losses ``key``, per-eval validation losses)."""
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r["loss"] for r in recs if "kind" not in r], [r["val_loss"] for r in recs if r.get("kind") == "eval"]
+    return [r[key] for r in recs if "kind" not in r], [r["val_loss"] for r in recs if r.get("kind") == "eval"]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +95,7 @@ def _quiet(*_a, **_k):
 
 
 def _record_rng_at_saves(where: Path) -> None:
-    """Write this process's torch and python RNG states at every checkpoint save to ``where/NAME.*``."""
+    """Write this process's torch and python RNG states at every checkpoint save to ``where/RUN-NAME.*``."""
     import random
     from safetensors.torch import save_file
     from dsv3.train.parallel import checkpoint
@@ -94,8 +103,8 @@ def _record_rng_at_saves(where: Path) -> None:
     where.mkdir()
 
     def spy(ctx, out_dir, name, *args, **kwargs):
-        save_file({"torch": torch.get_rng_state()}, str(where / f"{name}.safetensors"))
-        (where / f"{name}.json").write_text(json.dumps(random.getstate()))
+        save_file({"torch": torch.get_rng_state()}, str(where / f"{Path(out_dir).name}-{name}.safetensors"))
+        (where / f"{Path(out_dir).name}-{name}.json").write_text(json.dumps(random.getstate()))
         return original(ctx, out_dir, name, *args, **kwargs)
     checkpoint.save_parallel_checkpoint = spy   # the forked process's copy of the module
 
@@ -109,6 +118,8 @@ def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
         if world == 2:
             _record_rng_at_saves(tmp_p / f"rng-{rank}")
             train(run_config(cache_p, tmp_p / "ep2", ep=2), log=_quiet)
+            from dsv3.post.sft import sft
+            sft(sft_config(tmp_p, "sft2"), log=_quiet)     # SFT's checkpoints are sharded the same way
             resumes = {"again": 2, "fsdp": 1}
         else:
             resumes = {"four_ep4": 4, "four_ep2": 2}
@@ -137,8 +148,8 @@ def cache(tmp_path_factory) -> Path:
     return d
 
 
-def assert_close_losses(got: Path, want: Path, what: str) -> None:
-    for g, w in zip(metrics(got), metrics(want)):
+def assert_close_losses(got: Path, want: Path, what: str, key: str = "loss") -> None:
+    for g, w in zip(metrics(got, key), metrics(want, key)):
         assert len(g) == len(w), what
         torch.testing.assert_close(torch.tensor(g, dtype=torch.float64), torch.tensor(w, dtype=torch.float64),
                                    rtol=RTOL, atol=0, msg=what)
@@ -149,6 +160,9 @@ def biases(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread):
+    from dsv3.tasks import Arithmetic, problems
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(p.sft_record()) + "\n"
+                                                 for p in problems(Arithmetic(max_value=99), 30, 0)))
     fork(_worker, 2, str(cache), str(tmp_path))
     ref = tmp_path / "ep2"
     ref_loss, ref_val = metrics(ref)
@@ -180,14 +194,14 @@ def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread
     from dsv3.train.optim import build_optimizer
     from dsv3.train.parallel.checkpoint import load_sharded_checkpoint
     for r in (0, 1):
-        assert torch.equal(load_file(str(tmp_path / f"rng-{r}" / "checkpoint-2.safetensors"))["torch"],
-                           load_file(str(tmp_path / "rng-0" / "checkpoint-2.safetensors"))["torch"])
+        assert torch.equal(load_file(str(tmp_path / f"rng-{r}" / "ep2-checkpoint-2.safetensors"))["torch"],
+                           load_file(str(tmp_path / "rng-0" / "ep2-checkpoint-2.safetensors"))["torch"])
     torch.manual_seed(12345)
     random.seed(12345)
     model = Transformer(ModelConfig.from_json_file(ckpt))
     assert load_sharded_checkpoint(ckpt, model, build_optimizer(model, 0.0))["step"] == 2
-    assert torch.equal(torch.get_rng_state(), load_file(str(tmp_path / "rng-0" / "checkpoint-2.safetensors"))["torch"])
-    assert json.loads(json.dumps(random.getstate())) == json.loads((tmp_path / "rng-0" / "checkpoint-2.json").read_text())
+    assert torch.equal(torch.get_rng_state(), load_file(str(tmp_path / "rng-0" / "ep2-checkpoint-2.safetensors"))["torch"])
+    assert json.loads(json.dumps(random.getstate())) == json.loads((tmp_path / "rng-0" / "ep2-checkpoint-2.json").read_text())
 
     # same layout: bit-identical continuation and final weights
     again = tmp_path / "again"
@@ -200,6 +214,13 @@ def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread
     copy_run(ref, one)
     train(run_config(cache, one, ep=1), resume=True, log=_quiet)
     assert metrics(one)[0][:2] == ref_loss[:2]    # the resumed run keeps the steps before the checkpoint
+
+    # SFT saved at 2 ranks, resumed in one process (its model built from the base, then the shards)
+    from dsv3.post.sft import sft
+    assert read_trainer_state(tmp_path / "sft2" / "checkpoint-2")["sharded"]["world_size"] == 2
+    copy_run(tmp_path / "sft2", tmp_path / "sft1")
+    sft(sft_config(tmp_path, "sft1"), resume=True, log=_quiet)
+    assert_close_losses(tmp_path / "sft1", tmp_path / "sft2", "sft", key="lm_loss")
 
     # final/: the HF layout, equal to the sharded copy of the same step resharded into one process
     from dsv3.train.parallel.checkpoint import export_pretrained
