@@ -16,7 +16,7 @@ from post_fixtures import tiny_chat_model
 
 from dsv3.post.grpo import GRPOConfig, GRPOError, grpo
 from dsv3.post.sft import SFTConfig, SFTError, sft
-from dsv3.post.tasks import Arithmetic, problems
+from dsv3.tasks import Arithmetic, problems
 from dsv3.train import loop
 from dsv3.train.state import read_trainer_state, state_dir
 
@@ -107,6 +107,33 @@ def test_tensorboard_events_hold_the_metrics_also_after_a_resume(setup, tmp_path
     sft(sft_config(setup, tmp_path / "a", max_steps=1, tensorboard=True), log=lambda *a: None)
     assert len(list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_same(event_scalars(tmp_path / "a" / "tensorboard"), expected_scalars(records(tmp_path / "a")))
+
+
+def test_pretraining_writes_tensorboard_with_per_layer_stats(tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    import inspect
+    import textwrap
+    from dsv3.train.trainer import TrainConfig, train
+    (tmp_path / "corpus").mkdir()
+    for mod in (textwrap, inspect):
+        src = inspect.getsource(mod)
+        for j in range(0, len(src), 3000):
+            (tmp_path / "corpus" / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 3000])
+    model = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+                 num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,
+                 num_experts_per_tok=2, first_k_dense_replace=1)
+    train(TrainConfig(data=[str(tmp_path / "corpus")], out=str(tmp_path / "pt"), max_steps=3, batch_size=2, seq_len=32,
+                      save_every=0, eval_every=2, eval_batches=1, vocab_size=300, tokenizer_train_mb=0.05,
+                      val_fraction=0.2, progress=False, sample_tokens=0, model_overrides=model, device="cpu",
+                      tensorboard=True), log=lambda *a: None)
+    recs = records(tmp_path / "pt")
+    want = expected_scalars(recs)
+    # two MoE layers: MaxVio per layer as key/0, key/1; the [layers, experts] load matrix is no scalar
+    assert {"train/maxvio_batch/0", "train/maxvio_batch/1", "eval/maxvio_global_per_layer/1",
+            "train/tokens_per_s", "train/mtp_loss", "eval/val_ppl"} <= set(want)
+    assert "eval/expert_load" not in want and not any(t.startswith("eval/expert_load/") for t in want)
+    assert_same(event_scalars(tmp_path / "pt" / "tensorboard"), want)
 
 
 def test_grpo_writes_tensorboard_too(setup, tmp_path, one_thread):
