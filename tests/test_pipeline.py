@@ -55,11 +55,13 @@ def biases(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def cases(world: int) -> dict[str, dict]:
-    """Run name -> pipeline settings launched at ``world`` ranks."""
+    """Run name -> pipeline settings launched at ``world`` ranks. At 4 ranks only the final
+    checkpoint and eval (the 2-rank runs cover the step-2 ones and the resume)."""
     out = {f"pp{world}-{s}": dict(pp=world, pp_schedule=s) for s in SCHEDULES}
     if world == 4:
         out["pp2-dp2-1f1b"] = dict(pp=2, pp_schedule="1f1b")
         out["pp2-dp2-dualpipev"] = dict(pp=2, pp_schedule="dualpipev")
+        out = {k: dict(v, save_every=0, eval_every=0) for k, v in out.items()}
     return out
 
 
@@ -121,7 +123,9 @@ def _check_matches(reference: Path, run: Path, name: str) -> None:
     got_loss, got_val = metrics(run)
     assert len(ref_loss) == STEPS and len(ref_val) == 2
     torch.testing.assert_close(torch.tensor(got_loss), torch.tensor(ref_loss), rtol=0, atol=1e-5, msg=name)
-    torch.testing.assert_close(torch.tensor(got_val), torch.tensor(ref_val), rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(torch.tensor(got_val), torch.tensor(ref_val[-len(got_val):]), rtol=0, atol=1e-5,
+                               msg=name)   # the final eval (and the step-2 one where run)
+    assert got_val
     want = biases(reference / "final")
     got = biases(run / "final")
     assert want.keys() == got.keys() and want

@@ -289,6 +289,7 @@ class StageModule(nn.Module):
         aux = self._balance(b)
         if self.last:   # [1]: the schedule concatenates the last stage's outputs over microbatches
             return (loss + aux if aux is not None else loss).reshape(1)
+        h = h.float()   # the activations sent on are fp32 (the stages' static shapes), also under autocast
         return AttachLoss.apply(h, aux) if aux is not None else h
 
     def _balance(self, b: int) -> torch.Tensor | None:
@@ -457,6 +458,7 @@ class PipelineTraining(ParallelTraining):
         check_pipeline(c, self.world_size, self.pp, self.schedule_name, M, cfg.batch_size, cfg.ep, cfg.aux_loss_alpha,
                        cfg.fp8)
         self.microbatches, self.seq_len, self.microbatch_size = M, cfg.seq_len, local_batch // M
+        self.dtype = getattr(cfg, "dtype", "fp32")   # bf16 autocast where the run asks for it
         self.full_config = c
         self.all_routers = list(_router_names(model).values())
         layout = plan_layout(c.num_hidden_layers, self.pp, self.schedule_name)
@@ -546,6 +548,11 @@ class PipelineTraining(ParallelTraining):
         args = (x,) if self.holds_first else ()
         kwargs = {"window": window} if self.holds_last else {}
         target = window if self.holds_last else None
+        from ..precision import autocast
+        with autocast(self.device, self.dtype):
+            self._schedule_pass(args, kwargs, target, train)
+
+    def _schedule_pass(self, args: tuple, kwargs: dict, target, train: bool) -> None:
         if train:
             self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
         elif self.schedule_name in ("zbv", "dualpipev"):
