@@ -3,7 +3,7 @@
 Under continuous batching every row of a logits batch belongs to a different request, each with its
 own :class:`SamplingParams` and its own random stream. The pipeline for one row is
 
-    raw logits -> penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+    raw logits -> logit bias -> penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
 
 (vLLM's order: repetition, frequency and presence penalties on the raw logits, then temperature, then
 the filters, each filter seeing the distribution the previous one left, renormalized.)
