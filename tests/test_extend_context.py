@@ -117,6 +117,19 @@ def test_extended_checkpoint_matches_transformers_past_the_original_length(stage
         assert (plain(ids)[:, 32:] - got[:, 32:]).abs().max() > 1e-3
 
 
+def test_engine_reads_the_extended_config(stage1):
+    """dsv3.LLM decodes the extended checkpoint as the reference sampler does, past the original length."""
+    from dsv3.engine.llm import LLM
+    from dsv3.engine.sampling import SamplingParams
+    from dsv3.sample import generate
+    out, _ = stage1
+    llm = LLM(out / "final")
+    assert llm.model.config.yarn["factor"] == 4.0 and llm.model.config.max_position_embeddings == 128
+    prompt = torch.randint(0, 400, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].token_ids
+    assert got == generate(dsv3.load_pretrained(out / "final"), prompt, 12, temperature=0.0)
+
+
 def test_stage2_keeps_the_original_length(stage1, pretrained):
     out, _ = stage1
     s = plan_stage(out, 512)
@@ -140,6 +153,15 @@ def test_resuming_a_stage_continues_it(stage1, tmp_path):
     assert state["step"] == 4 and state["train_config"]["seq_len"] == 128
     assert state["context_extension"]["stage"] == 1
     assert json.loads((copy / "final" / "config.json").read_text())["rope_scaling"]["factor"] == 4.0
+
+
+def test_explicit_flags_override_the_scaled_values(pretrained):
+    from dsv3.train.trainer import extension_stage
+    cfg, stage = extension_stage(TrainConfig(extend_context=128, batch_size=3, eval_every=1, seq_len=999),
+                                 pretrained, resume=False, steps=5)
+    assert cfg.batch_size == 3 and cfg.eval_every == 1 and stage.record["batch_size"] == 3
+    assert cfg.seq_len == 128 and cfg.max_steps == 5 and cfg.lr == pytest.approx(1e-3)  # the plan's, not the flag
+    assert cfg.vocab_size == 400 and cfg.model_overrides["hidden_size"] == 32            # the run's own settings
 
 
 def test_errors(pretrained, tmp_path):

@@ -249,6 +249,9 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], cfg: TrainConfig, 
 LOGGED_LOSSES = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
+# What a context-extension stage takes from this launch, as a resume does (the parallel layout is per launch).
+LAUNCH_FIELDS = ("progress", "device", "ep", "pp", "pp_schedule", "microbatches")
+
 # Settings a context-extension stage takes from the command line when they differ from their defaults
 # (the rest come from the run being extended, or from the stage's plan: seq_len, rope, warmup, ...).
 STAGE_TUNABLE = ("batch_size", "lr", "grad_accum", "weight_decay", "grad_clip", "save_every", "eval_every",
@@ -260,7 +263,7 @@ def extension_stage(cfg: TrainConfig, source: str | Path | None, resume: bool, s
                     granule: int = 1) -> tuple[TrainConfig, ContextStage]:
     """The run config of a context-extension stage of the run in ``source`` at ``cfg.extend_context``
     tokens (``train/context.py``); ``cfg`` contributes the stage's ``out``, the per-invocation fields
-    (progress, device, ep) and those of ``STAGE_TUNABLE`` it sets to other than their defaults (a
+    (``LAUNCH_FIELDS``) and those of ``STAGE_TUNABLE`` it sets to other than their defaults (a
     batch or LR of your own instead of the scaled ones, eval/save cadence); ``steps`` is the stage's
     step budget (None: the default share)."""
     if source is None:
@@ -273,7 +276,8 @@ def extension_stage(cfg: TrainConfig, source: str | Path | None, resume: bool, s
     stage = plan_stage(source, cfg.extend_context, out=cfg.out, steps=steps, granule=granule, error=TrainError)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     fields = {k: v for k, v in stage.config.items() if k in known}
-    fields.update(progress=cfg.progress, device=cfg.device, ep=cfg.ep)
+    # this launch's own settings (as a resume keeps them): progress, device and the parallel layout
+    fields.update({k: getattr(cfg, k) for k in LAUNCH_FIELDS if k in known})
     defaults = TrainConfig()
     fields.update({k: getattr(cfg, k) for k in STAGE_TUNABLE if getattr(cfg, k) != getattr(defaults, k)})
     stage.config, stage.record = fields, {**stage.record, "batch_size": fields["batch_size"], "lr": fields["lr"]}
