@@ -38,14 +38,17 @@ ARMS = {name: None for name in ARM_FIELDS}
 
 # (command, dataclass, the arguments a parse needs besides the knob, build the config from the namespace,
 #  fields given another flag than their own: name -> (argv, expected value), or None: no flag here)
+# TrainConfig knobs whose values have a syntax of their own: a valid value each
+TRAIN_VALUES = {"batch_ramp": (["--batch-ramp", "2:1000"], "2:1000")}
+
 COMMANDS = [
     (["train"], TrainConfig, [], build_train,
      {"model_overrides": (["--model-set", "hidden_size=96", "--model-set", "topk_method=greedy"],
-                          {"hidden_size": 96, "topk_method": "greedy"})}),
+                          {"hidden_size": 96, "topk_method": "greedy"}), **TRAIN_VALUES}),
     (["experiment", "balance"], TrainConfig, [], build_train,
-     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4}), **ARMS}),
+     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4}), **TRAIN_VALUES, **ARMS}),
     (["experiment", "fp8"], TrainConfig, [], build_train,
-     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4})}),
+     {"model_overrides": (["--model-set", "n_routed_experts=4"], {"n_routed_experts": 4}), **TRAIN_VALUES}),
     (["sft"], SFTConfig, [], lambda a: from_args(SFTConfig, a), {}),
     (["grpo"], GRPOConfig, [], lambda a: from_args(GRPOConfig, a), {}),
     (["experiment", "post-train"], DemoConfig, [], lambda a: from_args(DemoConfig, a), {}),
@@ -144,7 +147,8 @@ def test_help_lists_every_field_with_its_default(capsys, monkeypatch, command, c
         if isinstance(default, bool):
             # a switch shows the setting it controls when not given (--no-X: on), never argparse's
             # raw False; a help text may show the setting itself instead (%(default)s)
-            assert f"(default: {'on' if default else 'off'})" in text or f": {default})" in text, text
+            state = ("on" if default else "off") if f.default is False else f"{f.name.replace('_', ' ')} on"
+            assert f"(default: {state})" in text or f": {default})" in text, text
             assert "(default: False)" not in text, text
         elif default is not None:
             assert f"(default: {default})" in text, text
@@ -223,7 +227,7 @@ def test_helper_spellings_defaults_and_round_trip():
     add_dataclass_args(q, Knobs, exclude={"extra"})
     text = " ".join(q.format_help().split())
     assert "a budget (default: 10)" in text and "(default: 10) (default" not in text
-    assert "skip the check (default: on)" in text and "go fast (default: off)" in text
+    assert "skip the check (default: check on)" in text and "go fast (default: off)" in text
     with pytest.raises(SystemExit):
         p.parse_args(["--name", "c"])
 
@@ -264,7 +268,7 @@ def test_no_feature_package_imports_the_cli():
 # ---------------------------------------------------------------------- switches' defaults, old spellings
 def test_help_shows_what_a_switch_does_and_the_effective_default(capsys, monkeypatch):
     blocks = help_blocks(capsys, monkeypatch, ["sft"])
-    assert blocks["--no-progress"].endswith("no live progress bar (default: on)")   # the bar is on unless given
+    assert blocks["--no-progress"].endswith("no live progress bar (default: progress on)")  # on unless given
     assert blocks["--compile"].endswith("(default: off)") and blocks["--tensorboard"].endswith("(default: off)")
     for command in (["train"], ["sft"], ["grpo"], ["serve", "--model", "m"], ["distill"]):
         for flag, text in help_blocks(capsys, monkeypatch, command[:1]).items():

@@ -58,8 +58,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every flag's default, except ``None`` defaults whose help text says what happens instead.
 
     A switch shows the setting it controls when not given, not argparse's raw ``False``/``True``:
-    ``--compile ... (default: off)``, ``--no-progress ... (default: on)`` (the progress bar is on
-    unless the flag turns it off).
+    ``--compile ... (default: off)``; a ``--no-X`` switch names the setting it turns off, so the
+    default can't be read as the flag's: ``--no-progress  no live progress bar (default: progress on)``.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -67,7 +67,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         if (action.nargs == 0 and isinstance(action.const, bool) and isinstance(action.default, bool)
                 and "%(default)" not in (action.help or "")):
-            return f"{action.help} (default: {'on' if action.default else 'off'})"
+            state = "on" if action.default else "off"
+            if action.const is False:  # store_false: the flag switches the setting off
+                state = f"{action.dest.replace('_', ' ')} {state}"
+            return f"{action.help} (default: {state})"
         return super()._get_help_string(action)
 
 
