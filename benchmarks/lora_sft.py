@@ -64,9 +64,9 @@ def run_arm(name: str, base: Path, out: Path, steps: int, evaluate: bool = True)
     from dsv3.eval.tasks import task_accuracy
     from dsv3.post.demo import DemoConfig
     from dsv3.post.sft import SFTConfig, sft
-    from dsv3.post.tasks import load_task, problems
+    from dsv3.tasks import load_task, problems
     from dsv3.tokenizer import Tokenizer
-    from dsv3.train.lora import merge_adapter
+    from dsv3.lora import merge_adapter
 
     demo = DemoConfig()
     task = load_task(demo.task)

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 
 from dsv3 import Transformer, save_pretrained
-from dsv3.post.tasks import Arithmetic, Brackets, Sort, problems
+from dsv3.tasks import Arithmetic, Brackets, Sort, problems
 from dsv3.tokenizer import Tokenizer, train_tokenizer
 
 VOCAB = 320

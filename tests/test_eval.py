@@ -14,7 +14,7 @@ from dsv3.cli import main
 from dsv3.eval.lm_eval import write_lm_eval_task
 from dsv3.eval.perplexity import heldout_tokens, perplexity
 from dsv3.eval.tasks import task_accuracy
-from dsv3.post.tasks import Arithmetic, Sort, problems
+from dsv3.tasks import Arithmetic, Sort, problems
 
 TEXT = ("What is 12 + 7? 12 + 7 = 19. Sort: 5 2 9 gives 2 5 9. Balanced? ([]) yes. " * 12).strip()
 

@@ -3,6 +3,11 @@
 - the module import graph has no cycle: every ``import`` / ``from ... import`` counts, at module
   level and inside functions alike (a function-level import only defers a cycle, it doesn't remove
   it); imports under ``if TYPE_CHECKING:`` don't run and don't count;
+- neither has the package graph: the subpackages of dsv3 (``dsv3.engine``, ``dsv3.train``, ...) and
+  its top-level modules are the nodes, and a module's import is an edge between their packages, so
+  ``engine`` importing ``quant`` while ``quant`` imports ``engine`` is a cycle even when no two
+  modules import each other (the layers are: a package builds on the ones below it, never the
+  reverse);
 - no module imports another module's private name (``from X import _name`` or ``X._name`` on an
   imported dsv3 module): what a module shares is public and documented;
 - no ``obj.__class__ = ...``: fast paths are applied by explicit module replacement (dsv3.replace).
@@ -191,7 +196,7 @@ def test_the_scanner_sees_every_kind_of_import():
     modules = _graph()
     assert "dsv3.hf_layout" in modules["dsv3.checkpoint"].imports            # module level, relative
     assert "dsv3.quant.linear" in modules["dsv3.quant"].imports              # inside __getattr__
-    assert "dsv3.post.tasks" in modules["dsv3.eval.tasks"].imports           # inside a function
+    assert "dsv3.tasks" in modules["dsv3.eval.tasks"].imports           # inside a function
     assert "dsv3.fp8" in modules["dsv3.train.fp8"].imports                   # `from .. import fp8`
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -201,6 +206,50 @@ def test_no_import_cycles():
     edges = {name: set(mod.imports) for name, mod in modules.items()}
     cycles = _cycles(edges)
     assert not cycles, "import cycle(s) in src/dsv3:\n" + "\n".join(_one_cycle(c, edges, modules) for c in cycles)
+
+
+def package_of(module: str) -> str:
+    """The node of ``module`` in the package graph: ``dsv3.<first name>`` (a subpackage or a top-level
+    module), or ``dsv3`` itself for the package's ``__init__``."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph(modules: dict[str, Module]) -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
+    """Edges between packages, and for each edge one module import that makes it (``a -> b (line n)``)."""
+    edges: dict[str, set[str]] = {}
+    why: dict[tuple[str, str], str] = {}
+    for name, mod in sorted(modules.items()):
+        a = package_of(name)
+        for target, line in sorted(mod.imports.items()):
+            b = package_of(target)
+            if a != b:
+                edges.setdefault(a, set()).add(b)
+                why.setdefault((a, b), f"{name} -> {target} (line {line})")
+    return edges, why
+
+
+def test_package_graph_rule_on_a_made_up_tree():
+    # The rule itself: modules that never import each other still make a package cycle.
+    imports = {"dsv3.engine.llm": {"dsv3.quant.linear": 3}, "dsv3.quant.quality": {"dsv3.engine": 9},
+               "dsv3.quant.linear": {}, "dsv3.engine": {}, "dsv3.cli.x": {"dsv3.engine.llm": 1}}
+    modules = {n: Module(n, Path(n), False, dict(i)) for n, i in imports.items()}
+    assert _cycles({n: set(m.imports) for n, m in modules.items()}) == []
+    edges, why = package_graph(modules)
+    assert _cycles(edges) == [["dsv3.engine", "dsv3.quant"]]
+    assert why[("dsv3.quant", "dsv3.engine")] == "dsv3.quant.quality -> dsv3.engine (line 9)"
+    assert package_of("dsv3") == "dsv3" and package_of("dsv3.tasks") == "dsv3.tasks"
+
+
+def test_no_package_import_cycles():
+    edges, why = package_graph(_graph())
+    cycles = _cycles(edges)
+    lines = []
+    for component in cycles:
+        members = set(component)
+        lines.append(" <-> ".join(component) + ":")
+        lines += [f"    {why[(a, b)]}" for a in component for b in sorted(edges.get(a, ())) if b in members]
+    assert not cycles, "package import cycle(s) in src/dsv3 (move what is shared below both):\n" + "\n".join(lines)
 
 
 def test_no_private_names_across_modules():

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA (dsv3.train.lora): adapters start as a no-op, a few steps lower the loss, the merge equals
+"""LoRA / QLoRA (dsv3.lora): adapters start as a no-op, a few steps lower the loss, the merge equals
 base + adapter (checked against W + scale * B A built by hand), save/load round trips in PEFT's layout,
 peft loads our adapter onto transformers' model with equal logits, and `dsv3 sft --lora-rank` trains,
 resumes bit for bit, merges (`dsv3 merge-lora`) and serves (`dsv3.LLM(base, adapter=...)`)."""
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import far_from_ties_, tiny_config
+from conftest import tiny_config
 
 import dsv3
 from dsv3 import Transformer
+from dsv3.lora import (LoRAError, LoRAExperts, LoRALinear, apply_lora, load_adapter, lora_modules, lora_parameters,
+                       lora_state_dict, merge_lora, save_adapter)
 from dsv3.quant.int_weights import dequantize_int8, quantize_int8
-from dsv3.train.lora import (LoRAError, LoRAExperts, LoRALinear, apply_lora, load_adapter, lora_modules,
-                             lora_parameters, lora_state_dict, merge_lora, save_adapter)
 
 ALL = "q,kv,o,shared,experts"
 
@@ -219,7 +219,7 @@ def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, ta
 def chat_setup(tmp_path_factory):
     from post_fixtures import tiny_chat_model
 
-    from dsv3.post.tasks import Arithmetic, problems
+    from dsv3.tasks import Arithmetic, problems
     root = tmp_path_factory.mktemp("lora-sft")
     path, tok = tiny_chat_model(root / "base")
     data = root / "chat.jsonl"

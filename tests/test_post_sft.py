@@ -16,7 +16,7 @@ from dsv3.checkpoint import load_pretrained
 from dsv3.cli import main
 from dsv3.post.chat_data import pack, read_chat_jsonl
 from dsv3.post.sft import SFTConfig, sft, sft_losses, topk_kl
-from dsv3.post.tasks import Arithmetic, problems
+from dsv3.tasks import Arithmetic, problems
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dsv3.post.tasks import (Arithmetic, Brackets, Mixed, Sort, UserTask, load_task, parse_completion, problems,
+from dsv3.tasks import (Arithmetic, Brackets, Mixed, Sort, UserTask, load_task, parse_completion, problems,
                              read_prompts)
 
 EOS = "<｜end▁of▁sentence｜>"

@@ -1,4 +1,4 @@
-"""Tokenizer.stop_ids (the one rule for which ids end a reply) and post.tasks.completion_text."""
+"""Tokenizer.stop_ids (the one rule for which ids end a reply) and dsv3.tasks.completion_text."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 from tokenizers import models
 
-from dsv3.post.tasks import completion_text
+from dsv3.tasks import completion_text
 from dsv3.tokenizer import BOS_TOKEN, EOS_TOKEN, THINK_END, USER_TOKEN, Tokenizer, train_tokenizer
 
 TEXTS = ["def f(x):\n    return x + 1\n", "the answer is 42", "print('hello world')\n"] * 20

@@ -284,6 +284,34 @@ def rope_info(config: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
     return info
 
 
+# ------------------------------------------------------------------------------------- decode traffic
+def expected_distinct_experts(n_experts: int, k: int, batch: int) -> float:
+    """Expected number of distinct experts ``batch`` tokens pick, ``k`` each of ``n_experts``, uniformly."""
+    if n_experts == 0:
+        return 0.0
+    return n_experts * (1 - (1 - k / n_experts) ** batch)
+
+
+def decode_step_bytes(config: ModelConfig, batch: int, mean_context: float, dtype_bytes: int,
+                      experts_per_moe_layer: float | None = None) -> dict:
+    """Bytes a decode step must move, from the config alone, all weights at ``dtype_bytes`` each: the
+    numerator of the memory roofline (``dsv3.bench.roofline``, which explains the count).
+
+    The routed experts a batch touches are :func:`expected_distinct_experts` per MoE layer (uniform
+    routing) unless ``experts_per_moe_layer`` says otherwise; the latent cache is read at
+    ``mean_context`` positions. For a model in memory (quantized, mixed precision)
+    :func:`dsv3.bench.roofline.model_step_bytes` counts its tensors instead.
+    """
+    p = param_counts(config)
+    E, k = config.n_routed_experts, config.num_experts_per_tok
+    distinct = expected_distinct_experts(E, k, batch) if experts_per_moe_layer is None else experts_per_moe_layer
+    weights = (p["total"] - p["embedding"] - p["moe_routed_experts"]
+               + p["moe_layers"] * distinct * p["routed_expert"] + batch * config.hidden_size)
+    cache = batch * mean_context * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    return {"weights": weights * dtype_bytes, "cache": cache * dtype_bytes,
+            "total": (weights + cache) * dtype_bytes, "experts_per_moe_layer": distinct}
+
+
 def summary(config: ModelConfig, seq_len: int = 4096, dtype: str = "bf16", name: str | None = None) -> dict[str, Any]:
     """Everything above in one JSON-serializable dict: params, FLOPs at ``seq_len``, cache bytes in ``dtype``."""
     if dtype not in DTYPE_BYTES:

@@ -1,5 +1,8 @@
 """Verifiable tasks for GRPO and evaluation, generated on the fly, and user tasks.
 
+Shared by post-training (``dsv3.post``: SFT data, GRPO rewards) and evaluation (``dsv3.eval``:
+``dsv3 eval --task``, the lm-eval export), so it lives beside both rather than in either.
+
 A task makes problems (a user message, its exact answer, a worked reasoning for SFT data) and
 scores a completion with ``reward(prompt, completion) -> float`` -- a pure function of the two
 strings, so user tasks have the same interface. The model answers in thinking mode: the prompt is
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..tokenizer import EOS_TOKEN, SPECIAL_TOKENS, THINK_BEGIN, THINK_END
+from .tokenizer import EOS_TOKEN, SPECIAL_TOKENS, THINK_BEGIN, THINK_END
 
 FORMAT_WEIGHT = 0.1      # R1-style format reward, small next to the accuracy reward of 1
 

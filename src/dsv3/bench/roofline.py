@@ -31,6 +31,7 @@ import time
 import torch
 from torch import nn
 
+from ..accounting import decode_step_bytes, expected_distinct_experts  # noqa: F401  (their home; kept importable here)
 from .machine import l3_cache_bytes, sync
 
 # Peak memory bandwidth (bytes/s) from vendor datasheets, matched against the device name.
@@ -41,32 +42,6 @@ DATASHEET_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9
 # that the probe reads memory, not cache.
 MIN_PROBE_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 L3_MULTIPLE = 4
-
-
-def expected_distinct_experts(n_experts: int, k: int, batch: int) -> float:
-    """Expected number of distinct experts ``batch`` tokens pick, ``k`` each of ``n_experts``, uniformly."""
-    if n_experts == 0:
-        return 0.0
-    return n_experts * (1 - (1 - k / n_experts) ** batch)
-
-
-def decode_step_bytes(config, batch: int, mean_context: float, dtype_bytes: int,
-                      experts_per_moe_layer: float | None = None) -> dict:
-    """Bytes a decode step must move, from the config alone, all weights at ``dtype_bytes`` each.
-
-    For a model in memory (quantized, mixed precision) :func:`model_step_bytes` counts its tensors
-    instead. ``experts_per_moe_layer`` overrides the uniform-routing expectation.
-    """
-    from ..accounting import param_counts
-
-    p = param_counts(config)
-    E, k = config.n_routed_experts, config.num_experts_per_tok
-    distinct = expected_distinct_experts(E, k, batch) if experts_per_moe_layer is None else experts_per_moe_layer
-    weights = (p["total"] - p["embedding"] - p["moe_routed_experts"]
-               + p["moe_layers"] * distinct * p["routed_expert"] + batch * config.hidden_size)
-    cache = batch * mean_context * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
-    return {"weights": weights * dtype_bytes, "cache": cache * dtype_bytes,
-            "total": (weights + cache) * dtype_bytes, "experts_per_moe_layer": distinct}
 
 
 def model_step_bytes(model: nn.Module, batch: int, mean_context: float, cache_value_bytes: int,

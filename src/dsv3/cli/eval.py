@@ -63,7 +63,7 @@ def register(subparsers) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..post.tasks import load_task
+    from ..tasks import load_task
     if args.lm_eval_task:
         from ..eval.lm_eval import write_lm_eval_task
         task = load_task(args.task[0] if args.task else "arithmetic")

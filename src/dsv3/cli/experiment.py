@@ -3,7 +3,7 @@ of runs on the same data and seed (the code of each lives beside its feature).
 
 The training experiments (balance, fp8, mtp) come from the registry ``dsv3.train.experiments``: one
 subcommand per entry, built the same way. ``post-train`` (post/demo.py) and ``quant``
-(quant/quality.py) are not training runs of a TrainConfig and keep their own flags here."""
+(eval/quant_quality.py) are not training runs of a TrainConfig and keep their own flags here."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def _add_quant(group) -> None:
 
 
 def cmd_experiment_quant(args: argparse.Namespace) -> int:
-    from ..quant.quality import DEFAULT_PRECISIONS, format_report, quality_report
+    from ..eval.quant_quality import DEFAULT_PRECISIONS, format_report, quality_report
     require_dir(args.model, "--model")
     if args.threads is not None:
         import torch

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 def task_names() -> str:
     """The built-in verifiable tasks, for help texts."""
-    from ..post.tasks import BUILTIN_TASKS
+    from ..tasks import BUILTIN_TASKS
     return ", ".join(BUILTIN_TASKS)
 
 
@@ -71,7 +71,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
 
     from ..checkpoint import CheckpointError, load_pretrained, save_pretrained
     from ..tokenizer import Tokenizer, TokenizerError
-    from ..train.lora import LoRAError, merge_adapter, read_adapter_config
+    from ..lora import LoRAError, merge_adapter, read_adapter_config
     require_dir(args.base, "BASE")
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
     with reported(LoRAError):
@@ -147,7 +147,7 @@ def _add_distill(subparsers) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from ..post.distill import distill, read_conversations
-    from ..post.tasks import load_task, problems
+    from ..tasks import load_task, problems
     require_dir(args.teacher, "--teacher")
     if args.top_logprobs < 0:
         raise CLIError(f"--top-logprobs must be >= 0, got {args.top_logprobs}")

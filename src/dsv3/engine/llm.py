@@ -62,7 +62,7 @@ class LLM:
                  prefix_caching: bool = True, seed: int = 0, speculative: str | None = None,
                  num_speculative_tokens: int = 1, cuda_graphs: bool = False, keep_fp8: bool = False,
                  compile: bool = False, quantize: str | None = None, adapter: str | Path | None = None):
-        from ..train.lora import is_adapter_dir, merge_adapter  # adapter: a LoRA (PEFT layout) merged in at load
+        from ..lora import is_adapter_dir, merge_adapter  # adapter: a LoRA (PEFT layout) merged in at load
         if not isinstance(model, Transformer) and is_adapter_dir(model):
             raise ValueError(f"{model} is a LoRA adapter: give its base model as the model and this as adapter=")
         if quantize is not None and keep_fp8:

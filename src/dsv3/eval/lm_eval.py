@@ -26,7 +26,7 @@ from pathlib import Path
 def write_lm_eval_task(directory: str | Path, task, n: int = 100, seed: int = 0, max_gen_toks: int = 48) -> list[str]:
     """Write ``dsv3_<task>.jsonl`` (``prompt``, ``answer`` per line) and ``dsv3_<task>.yaml`` into
     ``directory``; returns the two paths. Needs a task with reference answers (a built-in one)."""
-    from ..post.tasks import problems
+    from ..tasks import problems
 
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)

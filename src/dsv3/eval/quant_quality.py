@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .weight_only import DEFAULT_GROUP_SIZE, quantize_weight_only
+from ..quant.weight_only import DEFAULT_GROUP_SIZE, quantize_weight_only
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def quality_report(model_dir: str | Path, precisions=DEFAULT_PRECISIONS, data=No
                    max_text_tokens: int = 2_000_000, log=print) -> dict:
     """Measure every precision in ``precisions`` (names of :data:`PRECISIONS`) against fp32; a JSON-ready dict."""
     from ..cpu import cpu_features
-    from ..eval.perplexity import heldout_tokens, perplexity
+    from .perplexity import heldout_tokens, perplexity
     from ..tokenizer import Tokenizer
 
     unknown = [p for p in precisions if p not in PRECISIONS]

@@ -1,4 +1,4 @@
-"""Accuracy on verifiable tasks (:mod:`dsv3.post.tasks`): seeded problems, answers from the engine.
+"""Accuracy on verifiable tasks (:mod:`dsv3.tasks`): seeded problems, answers from the engine.
 
 Each problem is asked through the chat template in thinking mode and answered by :class:`dsv3.LLM`
 (greedy by default, so the number is a deterministic function of the model, the task and the seed;
@@ -17,7 +17,7 @@ def task_accuracy(model, tokenizer, task, n: int = 64, seed: int = 0, max_new_to
     ``samples`` shows the first few (prompt, completion, correct) triples.
     """
     from ..engine import LLM, SamplingParams
-    from ..post.tasks import completion_text, parse_completion, problems
+    from ..tasks import completion_text, parse_completion, problems
 
     if n < 1:
         raise ValueError(f"need at least one problem, got n={n}")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..knobs import knob, nonneg_float, positive_int
-from .tasks import BUILTIN_TASKS
+from ..tasks import BUILTIN_TASKS
 
 
 @dataclass
@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run the whole demo; returns (and writes to ``OUT/post_train_results.json``) the three accuracies."""
     from .grpo import GRPOConfig, grpo
     from .sft import SFTConfig, sft
-    from .tasks import load_task, problems
+    from ..tasks import load_task, problems
 
     base = Path(cfg.base)
     if not (base / "config.json").is_file() or not (base / "tokenizer.json").is_file():

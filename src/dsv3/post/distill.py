@@ -84,7 +84,7 @@ def distill(teacher: str | Path, conversations: list[list[dict]], out: str | Pat
     """
     from ..engine import LLM, SamplingParams
     from ..tokenizer import Tokenizer
-    from .tasks import completion_text
+    from ..tasks import completion_text
 
     if top_logprobs < 0 or samples_per_prompt < 1:
         raise ValueError("top_logprobs must be >= 0 and samples_per_prompt >= 1")

@@ -46,7 +46,7 @@ from ..knobs import fraction, knob, nonneg_float, positive_float, positive_int
 from ..train.loop import LoopOptions, Run, optimizer_update, runner_from_env
 from ..train.optim import Schedule
 from ..train.precision import autocast
-from .tasks import BUILTIN_TASKS
+from ..tasks import BUILTIN_TASKS
 
 
 class GRPOError(RuntimeError):
@@ -214,7 +214,7 @@ def grpo(cfg: GRPOConfig, resume: bool = False, max_steps: int | None = None, lo
     from ..eval.tasks import task_accuracy
     from ..tokenizer import Tokenizer
     from ..train.compile import eager
-    from .tasks import completion_text, load_task, parse_completion
+    from ..tasks import completion_text, load_task, parse_completion
 
     runner = runner_from_env(cfg.device)
     # rollouts and logprobs see a new sequence length every step: compile for dynamic shapes

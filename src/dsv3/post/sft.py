@@ -72,7 +72,7 @@ class SFTConfig(LoopOptions):
     seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
                                 type=nonneg_float)
     max_nonfinite: int = knob(5, "stop after this many non-finite losses in a row", type=positive_int)
-    # LoRA (train/lora.py): adapters on the frozen base; checkpoints and final/ hold the adapter only
+    # LoRA (dsv3/lora.py): adapters on the frozen base; checkpoints and final/ hold the adapter only
     lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning): train low-rank adapters on the frozen base; "
                              "OUT/final is then a PEFT adapter for `--model BASE --adapter OUT/final`", type=int,
                           metavar="R")
@@ -299,12 +299,13 @@ def sft(cfg: SFTConfig, resume: bool = False, max_steps: int | None = None, log=
 
 def use_lora(run: Run, model, cfg: SFTConfig, base: Path, log) -> tuple:
     """Make ``run`` a LoRA run: adapters on ``model`` (everything else frozen), checkpoints that hold
-    the adapter (:class:`~dsv3.train.lora.AdapterCheckpoints`); returns (runner, cfg).
+    the adapter (:class:`~dsv3.train.lora_checkpoints.AdapterCheckpoints`); returns (runner, cfg).
 
     The aux-loss-free bias update is switched off (``bias_update_rate`` 0 in the saved config): the
     routers' bias belongs to the base, which the adapter is later applied to unchanged.
     """
-    from ..train.lora import AdapterCheckpoints, LoRAError, apply_lora, lora_parameters
+    from ..lora import LoRAError, apply_lora, lora_parameters
+    from ..train.lora_checkpoints import AdapterCheckpoints
     if cfg.lora_rank < 0:
         raise SFTError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
     if run.runner.world_size > 1:

@@ -79,14 +79,13 @@ class MTPExperimentConfig:
 def draft_share(config: ModelConfig, mean_context: float = 64.0, dtype_bytes: int = 4) -> dict:
     """Bytes one MTP draft reads at batch 1 against one main decode step, from the config alone.
 
-    Main step: :func:`dsv3.bench.roofline.decode_step_bytes` (weights the token touches, the latent
+    Main step: :func:`dsv3.accounting.decode_step_bytes` (weights the token touches, the latent
     cache at ``mean_context``). Draft: the MTP module's active weights (``param_counts()["mtp_active"]``:
     its block with ``num_experts_per_tok`` experts, ``eh_proj`` and the norms), the shared output head
     read again (``vocab * hidden``; the embedding table when tied), one embedding row and its own
     layer's cache. ``share`` = draft / main; ``bound_k{1,2}`` = ``(k+1)/(1+k*share)``.
     """
-    from ..accounting import param_counts
-    from ..bench.roofline import decode_step_bytes
+    from ..accounting import decode_step_bytes, param_counts
     if config.num_nextn_predict_layers < 1:
         raise ValueError("the config has no MTP module (num_nextn_predict_layers = 0)")
     p = param_counts(config)

@@ -106,7 +106,7 @@ def _model_save_id(model_dir: Path) -> str | None:
             return json.loads(marker.read_text()).get("save_id")
         except (json.JSONDecodeError, AttributeError):
             return None
-    adapter = model_dir / "adapter_model.safetensors"  # a LoRA run's checkpoint: the adapter (train/lora.py)
+    adapter = model_dir / "adapter_model.safetensors"  # a LoRA run's checkpoint: the adapter (dsv3/lora.py)
     if adapter.is_file() and not (model_dir / "config.json").is_file():
         from safetensors import safe_open
         try:
