@@ -66,3 +66,29 @@ def test_cli_bench_train_writes_json(tmp_path, capsys):
 def test_bench_refuses_huge_presets():
     with pytest.raises(ValueError, match="parameters"):
         bench_train(preset="v3", steps=1, warmup=0)
+
+
+def test_bench_train_bf16_times_ours_in_both_precisions():
+    # On this machine auto may well be fp32; --dtype bf16 forces bf16 autocast for every line.
+    r = bench_train(config=small_config(), batch_size=2, seq_len=16, steps=1, warmup=0, threads=1, device="cpu",
+                    dtype="bf16")
+    assert r["dtype"] == "bf16" and r["precision"] == "bf16 autocast"
+    names = [x["name"] for x in r["results"]]
+    assert names[0] == "dsv3" and names[1].startswith("transformers[") and names[2] == "dsv3[fp32]"
+    assert [x["dtype"] for x in r["results"]] == ["bf16", "bf16", "fp32"]
+    by = {x["name"]: x for x in r["results"]}
+    assert r["ratio_bf16_vs_fp32"] == pytest.approx(by["dsv3"]["tokens_per_s"] / by["dsv3[fp32]"]["tokens_per_s"])
+    # the same model in bf16: ours and transformers agree to the autocast tolerance, and our bf16 first
+    # loss is our fp32 one up to bf16 rounding (not another model: an untrained model's loss is ~log V)
+    assert r["first_loss_tolerance"] == pytest.approx(2e-3) and r["first_loss_match"]
+    assert abs(by["dsv3"]["first_loss"] - by["dsv3[fp32]"]["first_loss"]) < 2e-2
+    assert by["dsv3"]["first_loss"] != by["dsv3[fp32]"]["first_loss"]          # bf16 really ran
+    for key in ("cpu_flags", "bf16_units", "torch_cpu_capability"):
+        assert key in r["machine"], key
+    assert "ratio ours bf16 / ours fp32" in format_bench_train(r)
+    json.dumps(r)
+
+
+def test_bench_train_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="expected one of auto, bf16, fp32"):
+        bench_train(config=small_config(), batch_size=1, seq_len=8, steps=1, warmup=0, device="cpu", dtype="fp16")

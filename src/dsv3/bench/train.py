@@ -1,6 +1,11 @@
 """``dsv3 bench train``: tokens/s of one full training step, ours against ``transformers``, in one run.
 
-A step is forward + next-token cross-entropy + backward + ``AdamW.step`` + ``zero_grad``. Both models
+A step is forward + next-token cross-entropy + backward + ``AdamW.step`` + ``zero_grad``, in the
+precision ``dtype`` names (:mod:`dsv3.train.precision`: bf16 autocast with fp32 master weights, or
+fp32; ``auto`` = bf16 where the device has bf16 units) for every implementation alike; in bf16 ours
+is also timed in fp32 (``dsv3[fp32]``), so one run gives our bf16 step against our fp32 step and
+against transformers' bf16 step. Every line uses the same optimizer (torch's fused AdamW), so a
+ratio is the model's, not the optimizer's. Both models
 get the same config (MTP off: transformers has none), the same weights (ours is written with
 :func:`dsv3.save_pretrained` and read back by ``DeepseekV3ForCausalLM.from_pretrained``), the same
 token batch, the same ``torch.set_num_threads``, the same optimizer settings and the same loss code.
@@ -19,7 +24,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..config import preset as get_preset
 from ..model import Transformer
+from ..train.precision import autocast, train_dtype
 from .machine import machine_info, resolve_device, sync, torch_threads
 
 LR, BETAS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 0.1
@@ -52,11 +57,6 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on GPU for every implementation alike; fp32 on CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def _fused_adamw(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
@@ -68,9 +68,10 @@ class Runner:
     """
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, info: dict | None = None):
+                 device: torch.device, info: dict | None = None, dtype: str = "fp32"):
         self.name, self.model, self.loss_fn, self.device = name, model, loss_fn, device
-        self.info = info or {}
+        self.dtype = dtype                    # "bf16" (autocast) or "fp32", as the trainer's --dtype
+        self.info = {"dtype": dtype, **(info or {})}
         model.train()
         # torch's fused AdamW (one kernel over all tensors) on CPU and CUDA, its fastest; same for every runner.
         self.opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
@@ -82,7 +83,7 @@ class Runner:
         """One full training step; returns its wall time in seconds (and records the loss)."""
         sync(self.device)
         t0 = time.perf_counter()
-        with _autocast(self.device):
+        with autocast(self.device, self.dtype):
             loss = self.loss_fn(window)
         loss.backward()
         self.opt.step()
@@ -131,7 +132,8 @@ def _ours(config: ModelConfig, seq_len: int, seed: int, device: torch.device) ->
         return Transformer(config, max_seq_len=seq_len)
 
 
-def _ours_runner(model: Transformer, device: torch.device, name: str = "dsv3", fused_ce: bool = True) -> Runner:
+def _ours_runner(model: Transformer, device: torch.device, name: str = "dsv3", fused_ce: bool = True,
+                 dtype: str = "fp32") -> Runner:
     """Ours with the trainer's own loss code (``compute_losses``): next-token CE (+ lambda * mean MTP CE),
     by default through the fused chunked head + cross-entropy as ``dsv3 train`` runs it. The balance
     losses are off: transformers has none, and the first-step losses must agree."""
@@ -143,7 +145,7 @@ def _ours_runner(model: Transformer, device: torch.device, name: str = "dsv3", f
 
     from ..train.compile import is_compiled
     return Runner(name, model, loss_fn, device, {"mtp_depth": len(model.mtp), "fused_ce": fused_ce,
-                                                 "compiled": is_compiled(model)})
+                                                 "compiled": is_compiled(model)}, dtype)
 
 
 def _ours_copy(ours: Transformer, config: ModelConfig, seq_len: int, seed: int, device: torch.device) -> Transformer:
@@ -153,7 +155,8 @@ def _ours_copy(ours: Transformer, config: ModelConfig, seq_len: int, seed: int, 
     return model
 
 
-def _transformers_runner(checkpoint_dir: str, attn: str, experts: str | None, device: torch.device) -> Runner:
+def _transformers_runner(checkpoint_dir: str, attn: str, experts: str | None, device: torch.device,
+                         dtype: str = "fp32") -> Runner:
     """``DeepseekV3ForCausalLM.from_pretrained`` on our checkpoint; ``experts=None``: its default kernel."""
     import transformers
 
@@ -178,7 +181,7 @@ def _transformers_runner(checkpoint_dir: str, attn: str, experts: str | None, de
 
     return Runner(name, model, loss_fn, device,
                   {"attn_implementation": attn, "experts_implementation": used_experts,
-                   "transformers": transformers.__version__})
+                   "transformers": transformers.__version__}, dtype)
 
 
 def parse_variant(text: str) -> tuple[str, str | None]:
@@ -191,7 +194,8 @@ def parse_variant(text: str) -> tuple[str, str | None]:
 def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, steps: int = 5, warmup: int = 2,
                 threads: int | None = None, seed: int = 0, mtp: bool = False, torchtitan: bool = False,
                 transformers_variants: tuple[str, ...] | list[str] = ("sdpa",), config: ModelConfig | None = None,
-                device: str | torch.device | None = None, plain_ce: bool = False, compile: bool = False) -> dict:
+                device: str | torch.device | None = None, plain_ce: bool = False, compile: bool = False,
+                dtype: str = "auto") -> dict:
     """Time full training steps of ours and of transformers' DeepSeek-V3 on the same model and batch.
 
     ``config`` overrides ``preset`` (small test configs). ``transformers_variants``: ``ATTN[/EXPERTS]``
@@ -202,7 +206,9 @@ def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, s
     ``plain_ce=True`` adds ours with full logits + ``F.cross_entropy`` (as transformers computes it),
     ``compile=True`` ours with :func:`dsv3.train.compile.compile_model` applied (compiled during
     the warmup steps, so use ``warmup >= 2``). Each extra line of ours holds the same weights and has
-    its own ratio in ``ratios``. Returns a JSON-ready dict.
+    its own ratio in ``ratios``. ``dtype`` (``auto``, ``bf16``, ``fp32``: the trainer's ``--dtype``)
+    is every line's precision; in bf16, ``dsv3[fp32]`` (same weights, fp32) is added and
+    ``ratio_bf16_vs_fp32`` is our bf16 tokens/s over it. Returns a JSON-ready dict.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -217,14 +223,15 @@ def bench_train(preset: str = "tiny", batch_size: int = 8, seq_len: int = 256, s
         raise ValueError(f"{name} has {n_params / 1e9:.1f}B parameters; the benchmark holds two copies with "
                          f"AdamW state in memory (limit {MAX_PARAMS / 1e9:g}B): use a smaller preset")
     dev = resolve_device(device)
+    amp = "bf16" if train_dtype(dtype, dev) == torch.bfloat16 else "fp32"
     with torch_threads(threads):
         return _bench_train(base, name, cfg, batch_size, seq_len, steps, warmup, seed, mtp, torchtitan,
-                            transformers_variants, dev, plain_ce, compile)
+                            transformers_variants, dev, plain_ce, compile, amp)
 
 
 def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int, seq_len: int, steps: int,
                  warmup: int, seed: int, mtp: bool, torchtitan: bool, transformers_variants, dev: torch.device,
-                 plain_ce: bool = False, compile: bool = False) -> dict:
+                 plain_ce: bool = False, compile: bool = False, amp: str = "fp32") -> dict:
     threads = torch.get_num_threads()
 
     gen = torch.Generator().manual_seed(seed)
@@ -232,7 +239,7 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
     tokens_per_step = batch_size * seq_len
 
     ours = _ours(cfg, seq_len, seed, dev)
-    runners = [_ours_runner(ours, dev)]
+    runners = [_ours_runner(ours, dev, dtype=amp)]
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="dsv3-bench-") as tmp:
         from ..checkpoint import save_pretrained
@@ -240,23 +247,26 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         for variant in transformers_variants:
             attn, experts = parse_variant(variant)
             try:
-                runners.append(_transformers_runner(tmp, attn, experts, dev))
+                runners.append(_transformers_runner(tmp, attn, experts, dev, amp))
             except Exception as e:  # noqa: BLE001 - a missing/broken peer is a result, not a crash
                 errors[f"transformers[{variant}]"] = f"{type(e).__name__}: {_first_line(e)}"
     logit_check = _logit_check(runners, window[:, :-1])
+    if amp == "bf16":  # our fp32 step on the same weights: what bf16 buys us
+        runners.append(_ours_runner(_ours_copy(ours, cfg, seq_len, seed, dev), dev, "dsv3[fp32]", dtype="fp32"))
     if plain_ce:
-        runners.append(_ours_runner(_ours_copy(ours, cfg, seq_len, seed, dev), dev, "dsv3[plain-ce]", fused_ce=False))
+        runners.append(_ours_runner(_ours_copy(ours, cfg, seq_len, seed, dev), dev, "dsv3[plain-ce]", fused_ce=False,
+                                    dtype=amp))
     if compile:
         from ..train.compile import compile_model
         compiled = _ours_copy(ours, cfg, seq_len, seed, dev)
         compile_model(compiled)
-        runners.append(_ours_runner(compiled, dev, "dsv3[compiled]"))
+        runners.append(_ours_runner(compiled, dev, "dsv3[compiled]", dtype=amp))
     if mtp:
         # Same main weights as the others, plus freshly initialized MTP modules (depth 1 if the preset has none).
         depth = base.num_nextn_predict_layers or 1
         with_mtp = _ours_copy(ours, cfg.replace(num_nextn_predict_layers=depth), seq_len, seed, dev)
-        runners.append(_ours_runner(with_mtp, dev, name=f"dsv3+mtp{depth}"))
-    titan, titan_info = torchtitan_runner(cfg, window, dev) if torchtitan else (None, None)
+        runners.append(_ours_runner(with_mtp, dev, name=f"dsv3+mtp{depth}", dtype=amp))
+    titan, titan_info = torchtitan_runner(cfg, window, dev, amp) if torchtitan else (None, None)
     # torchtitan takes its turns among the others, so machine noise hits it alike.
     run_interleaved(runners + ([titan] if titan is not None else []), window, steps, warmup)
 
@@ -273,7 +283,8 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         "seed": seed,
         "optimizer": {"name": "AdamW", "lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY,
                       "fused": _fused_adamw(dev)},
-        "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
+        "dtype": amp,
+        "precision": "bf16 autocast" if amp == "bf16" else "fp32",
         "machine": machine_info(threads, dev),
         "results": results,
         "errors": errors,
@@ -291,13 +302,16 @@ def _bench_train(base: ModelConfig, name: str, cfg: ModelConfig, batch_size: int
         out["first_loss_ours"] = results[0]["first_loss"]
         out["first_loss_transformers"] = ref["first_loss"]
         out["first_loss_abs_diff"] = delta
-        out["first_loss_tolerance"] = LOSS_TOL_AUTOCAST if dev.type == "cuda" else LOSS_TOL
+        out["first_loss_tolerance"] = LOSS_TOL_AUTOCAST if amp == "bf16" else LOSS_TOL
         out["first_loss_match"] = delta <= out["first_loss_tolerance"]
         out["ratios"] = {r["name"]: r["tokens_per_s"] / ref["tokens_per_s"] for r in results
                          if r["name"].startswith("dsv3")}
         # Every line of ours without MTP is the same model as transformers': its first loss must agree too.
         out["first_loss_abs_diff_by_impl"] = {r["name"]: abs(r["first_loss"] - ref["first_loss"]) for r in results
                                               if r["name"].startswith("dsv3") and not r.get("mtp_depth")}
+    by_name = {r["name"]: r for r in results}
+    if "dsv3[fp32]" in by_name:
+        out["ratio_bf16_vs_fp32"] = results[0]["tokens_per_s"] / by_name["dsv3[fp32]"]["tokens_per_s"]
     if titan_info is not None:
         if titan is not None:
             titan_info.update(titan.summary(tokens_per_step))
@@ -328,7 +342,8 @@ def _logit_check(runners: list[Runner], ids: torch.Tensor) -> dict:
 TORCHTITAN_BACKENDS = ("flex", "varlen")
 
 
-def torchtitan_runner(cfg: ModelConfig, window: torch.Tensor, device: torch.device) -> tuple[Runner | None, dict]:
+def torchtitan_runner(cfg: ModelConfig, window: torch.Tensor, device: torch.device,
+                      dtype: str = "fp32") -> tuple[Runner | None, dict]:
     """torchtitan's DeepSeek-V3 on the same shape, as a :class:`Runner` if it trains; never raises.
 
     Each of torchtitan's LM attention backends is tried for one training step (an untimed extra
@@ -351,7 +366,7 @@ def torchtitan_runner(cfg: ModelConfig, window: torch.Tensor, device: torch.devi
         info["attempts"].append(attempt)
         try:
             model, loss_fn = _torchtitan_model(cfg, window.shape[1] - 1, backend, device)
-            runner = Runner(f"torchtitan[{backend}]", model, loss_fn, device)
+            runner = Runner(f"torchtitan[{backend}]", model, loss_fn, device, dtype=dtype)
             runner.step(window)            # does a training step run at all?
         except Exception as e:  # noqa: BLE001
             attempt["error"] = f"{type(e).__name__}: {_first_line(e)}"
@@ -433,7 +448,7 @@ def format_bench_train(r: dict) -> str:
         f"train step: preset {r['preset']}, batch {r['batch_size']} x seq {r['seq_len']} = {r['tokens_per_step']:,} "
         f"tokens/step, {r['precision']}, AdamW, {r['steps']} timed steps after {r['warmup']} warmup",
         f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['threads']} threads, torch {m['torch']}, "
-        f"transformers {m.get('transformers')}, {m['date']}",
+        f"transformers {m.get('transformers')}, {m['date']}; bf16 units: {', '.join(m.get('bf16_units') or []) or 'none'}",
         "dsv3 lines compute the loss as `dsv3 train` does (fused, chunked head + cross-entropy) unless "
         "marked [plain-ce]",
         "",
@@ -458,6 +473,8 @@ def format_bench_train(r: dict) -> str:
         lines.append(f"  first-step loss |ours - transformers| = {r['first_loss_abs_diff']:.2e} ({ok})")
         for other, diff in list(r.get("first_loss_abs_diff_by_impl", {}).items())[1:]:
             lines.append(f"  first-step loss |{other} - transformers| = {diff:.2e}")
+    if "ratio_bf16_vs_fp32" in r:
+        lines.append(f"  ratio ours bf16 / ours fp32 (dsv3[fp32], same weights): {r['ratio_bf16_vs_fp32']:.2f}x")
     for k, v in r.get("errors", {}).items():
         lines.append(f"  {k}: failed: {v}")
     if tt:

@@ -9,6 +9,7 @@ import sys
 
 from ..config import PRESETS
 from ..knobs import positive_int
+from ..train.precision import TRAIN_DTYPES
 from .common import (PROG, CLIError, add_device_arg, add_group, add_json_arg, add_member, reported, require_dir,
                      write_json)
 
@@ -28,9 +29,10 @@ def _add_train(sub) -> None:
                    help="tokens/s of a full training step: ours vs transformers' DeepseekV3ForCausalLM",
                    description="Time full training steps (forward, cross-entropy, backward, AdamW step) of "
                                "our model and of transformers' DeepseekV3ForCausalLM holding the same weights, "
-                               "on the same batch and threads (fp32 on CPU, bf16 autocast on CUDA), steps "
-                               "interleaved; report median/mean step time, tokens/s, the ratio, and the "
-                               "first-step losses (which must agree: same model).")
+                               "on the same batch, threads and precision (--dtype, as dsv3 train's: bf16 autocast "
+                               "with fp32 master weights, or fp32), steps interleaved; report median/mean step "
+                               "time, tokens/s, the ratio, and the first-step losses (which must agree: same "
+                               "model). In bf16, ours is also timed in fp32 (dsv3[fp32]) for the bf16/fp32 ratio.")
     t.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape (MTP is switched off)")
     t.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
     t.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
@@ -38,6 +40,9 @@ def _add_train(sub) -> None:
     t.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     t.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch")
+    t.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
+                   help="precision of every implementation's step: bf16 autocast or fp32; auto: bf16 where the "
+                        "GPU/CPU has bf16 units (AMX, AVX512-BF16), else fp32")
     t.add_argument("--mtp", action="store_true", help="also time ours with the preset's MTP modules (extra line)")
     t.add_argument("--plain-ce", action="store_true",
                    help="also time ours with full logits + F.cross_entropy instead of the fused head (extra line)")
@@ -61,7 +66,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         result = bench_train(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                              warmup=args.warmup, threads=args.threads, seed=args.seed, mtp=args.mtp,
                              torchtitan=args.torchtitan, transformers_variants=args.transformers, device=args.device,
-                             plain_ce=args.plain_ce, compile=args.compile)
+                             plain_ce=args.plain_ce, compile=args.compile, dtype=args.dtype)
     print(format_bench_train(result))
     if args.json:
         write_json(args.json, result)
