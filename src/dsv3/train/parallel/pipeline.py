@@ -55,11 +55,14 @@ ranks (pipeline stages x data-parallel replicas), which is exactly the single-pr
 global batch, and each rank applies the update to the routers it holds. Routers of a stage with
 replicas are updated identically on each.
 
-Data parallel: ``world = pp x dp``, rank ``r`` is pipeline rank ``r % pp`` of replica ``r // pp``
-(pipeline neighbours adjacent: on GPUs, one node's NVLink). With ``dp > 1`` each replica trains its
-``B / dp`` slice and the stage weights' gradients are averaged over the replicas (an all-reduce per
-stage over the ``dp`` ranks holding it; plain replication, not FSDP sharding -- see the report in
-benchmarks/RESULTS.md). Expert parallelism does not compose with ``--pp`` yet (a clear error).
+Data parallel: ``world = pp x dp`` on a ``(dp, pp)`` device mesh, rank ``r`` is pipeline rank
+``r % pp`` of replica ``r // pp`` (a replica's stages adjacent: on GPUs, one node's NVLink). With
+``dp > 1`` each replica trains its ``B / dp`` slice and every stage is FSDP2-sharded over its ``dp``
+replicas (each block a unit, then the stage); the schedules defer the reduce-scatter to the last
+backward of a step (``PipelineStage`` drives FSDP), which averages the gradients over the replicas.
+The embedding copy is sharded like the table, so the pair's sums run on matching shards; FSDP2
+cannot put one module under two roots, so with ``dp > 1`` the V's rank 0 uses a (local) copy too.
+Expert parallelism does not compose with ``--pp`` yet (a clear error).
 
 Checkpoints go through the sharded checkpoint of ``checkpoint.py`` (torch.distributed.checkpoint):
 each rank's pruned model holds its stages' tensors under the single-process names, so DCP saves the
@@ -404,16 +407,10 @@ class PipelineTraining(ParallelTraining):
         self.pp, self.schedule_name, self.requested_microbatches = pp, schedule, microbatches
         self.dp = ctx.world_size // pp
         self.pp_rank, self.dp_rank = ctx.rank % pp, ctx.rank // pp
-        # groups: every rank creates every group, in the same order
-        self.pp_group = self.dp_group = self.embed_group = None
-        for d in range(self.dp):
-            g = dist.new_group([d * pp + p for p in range(pp)])
-            if d == self.dp_rank:
-                self.pp_group = g
-        for p in range(pp):
-            g = dist.new_group([d * pp + p for d in range(self.dp)]) if self.dp > 1 else None
-            if p == self.pp_rank:
-                self.dp_group = g
+        # (dp, pp) mesh: rank r = d * pp + p; "pp" groups a replica's stages, "dp" a stage's replicas
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(ctx.device.type, (self.dp, pp), mesh_dim_names=("dp", "pp"))
+        self.pp_group, self.dp_mesh = self.mesh["pp"].get_group(), self.mesh["dp"]
         self.stages: list[StageModule] = []
         self.schedule = None
 
@@ -472,17 +469,43 @@ class PipelineTraining(ParallelTraining):
                     self.embed_pair = g
         self.holds_first = self.pp_rank == first_rank
         self.holds_last = self.pp_rank == last_rank
-        embed_copy = self.holds_last and not self.holds_first
+        # FSDP2 can't put one module under two roots: with replicas the V's rank 0 uses a copy too
+        embed_copy = self.holds_last and (not self.holds_first or self.dp > 1)
+        self.embed_local = embed_copy and self.holds_first   # owner and copy on this rank
         losses = LossSettings(cfg.mtp_weight, cfg.seq_aux_alpha, M * cfg.grad_accum, cfg.fused_ce)
         self.stages = split_model(model, layout, self.pp_rank, losses, embed_copy)
+        if self.dp > 1:
+            self._shard_stages()
         self.model = model
         self._build_schedule(model, M)
         mb = self.microbatch_size
-        log(f"pipeline: {self.world_size} ranks ({self.ctx.backend}) = pp {self.pp} x dp {self.dp}, schedule "
+        log(f"pipeline: {self.world_size} ranks ({self.ctx.backend}) = pp {self.pp} x dp {self.dp}{' (FSDP2)' if self.dp > 1 else ''}, schedule "
             f"{self.schedule_name}, {layout.n_stages} stages (layers per stage "
             f"{[len(s) for s in layout.stage_layers]}, stage ranks {list(layout.stage_rank)}), {M} microbatches of "
             f"{mb} sequences; bubble in theory (F=B=W) {bubble_fraction(self.schedule_name, self.pp, M):.1%}")
         return model
+
+    def _shard_stages(self) -> None:
+        """FSDP2 over each stage's replicas: every block (main and MTP) its own unit, then the stage.
+
+        No unit reshards after forward: its weights stay gathered from a step's first forward to its
+        last backward (the pipeline reshards them then), so a step all-gathers each weight once,
+        not once per microbatch. It is also what the split backward of zbv/dualpipev needs: with
+        resharding, the weight-gradient pass looks up the *sharded* parameters, finds them unused in
+        the graph, and those gradients never arrive (measured: the losses drift from one process
+        at step 2). Memory: a stage's full weights per rank during the step, ZeRO-2-like."""
+        from torch.distributed.fsdp import fully_shard
+        for st in self.stages:
+            for block in list(st.layers) + ([m.block for m in st.mtp] if st.last else []):
+                fully_shard(block, mesh=self.dp_mesh, reshard_after_forward=False)
+            fully_shard(st, mesh=self.dp_mesh, reshard_after_forward=False)
+
+    def _reshard(self) -> None:
+        """Stage roots back to sharded parameters (after a forward-only pass; before saving)."""
+        from torch.distributed.fsdp import FSDPModule
+        for st in self.stages:
+            if isinstance(st, FSDPModule):
+                st.reshard()
 
     def _build_schedule(self, model: Transformer, M: int) -> None:
         from torch.distributed.pipelining import PipelineStage
@@ -513,17 +536,19 @@ class PipelineTraining(ParallelTraining):
         local = {name: r for st in self.stages for name, r in st.routers}
         return [(n, CountedRouter(self, n, local.get(n))) for n in self.all_routers]
 
+    def _embedding_copy(self) -> nn.Embedding | None:
+        copy = self.stages[-1].embed_tokens if self.holds_last else None
+        return copy if copy is not None and copy is not getattr(self.model, "embed_tokens", None) else None
+
+    @torch.no_grad()
     def _refresh_embedding_copy(self) -> None:
-        if self.embed_pair is None:
-            return
-        if self.holds_first:
-            w = self.model.embed_tokens.weight
-        elif self.holds_last:
-            w = self.stages[-1].embed_tokens.weight
-        else:
-            return
-        with torch.no_grad():
-            dist.broadcast(w.data, group=self.embed_pair, group_src=0)
+        """The last stage's copy of the table := the first stage's (local FSDP shards: same layout)."""
+        copy = self._embedding_copy()
+        if self.embed_local:
+            _local(copy.weight).copy_(_local(self.model.embed_tokens.weight))
+        elif self.embed_pair is not None and (self.holds_first or copy is not None):
+            w = self.model.embed_tokens.weight if self.holds_first else copy.weight
+            dist.broadcast(_local(w), group=self.embed_pair, group_src=0)
 
     def forward_backward(self, window: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One micro-batch ``window [B_local, S+1]`` through the schedule (forward and backward): the
@@ -569,8 +594,7 @@ class PipelineTraining(ParallelTraining):
     def reduce_step(self, sums: dict[str, float], finite: bool, counts: dict):
         """Sum the logged parts over the pipeline (mean over replicas), AND the finite flags, and sum
         every router's expert counts over all ranks (the single-process counts of the global batch)."""
-        self._reduce_embedding_grad()
-        self._reduce_replica_grads()
+        self._reduce_embedding_grad()   # (FSDP averaged the replicas' gradients in the schedule)
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys] + [0.0 if finite else 1.0], dtype=torch.float64)
         self.ctx.all_reduce(vec)
@@ -587,38 +611,33 @@ class PipelineTraining(ParallelTraining):
             counts = {n: stacked[i] for i, n in enumerate(names)}
         return out, finite, counts
 
+    @torch.no_grad()
     def _reduce_embedding_grad(self) -> None:
-        """First stage's table gradient += the last stage's copy's (both ranks end with the sum)."""
-        if self.embed_pair is None or not (self.holds_first or self.holds_last):
-            return
-        emb = self.model.embed_tokens if self.holds_first else self.stages[-1].embed_tokens
-        if emb.weight.grad is None:
-            emb.weight.grad = torch.zeros_like(emb.weight)
-        dist.all_reduce(emb.weight.grad, group=self.embed_pair)
-        if not self.holds_first:
-            emb.weight.grad = None   # the copy is in no optimizer
-
-    def _reduce_replica_grads(self) -> None:
-        """Average the stage weights' gradients over the data-parallel replicas."""
-        if self.dp_group is None:
-            return
-        for p in self.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=self.dp_group)
-            p.grad.div_(self.dp)
+        """First stage's table gradient += the last stage's copy's; the copy's is dropped (it is in no
+        optimizer). FSDP shards: each replica rank sums its own shard."""
+        copy = self._embedding_copy()
+        owner = self.model.embed_tokens.weight if self.holds_first else None
+        for w in (owner, copy.weight if copy is not None else None):
+            if w is not None and w.grad is None:
+                w.grad = torch.zeros_like(w)
+        if self.embed_local:
+            _local(owner.grad).add_(_local(copy.weight.grad))
+        elif self.embed_pair is not None and (owner is not None or copy is not None):
+            dist.all_reduce(_local(owner.grad if owner is not None else copy.weight.grad), group=self.embed_pair)
+        if copy is not None:
+            copy.weight.grad = None
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Global norm over the pipeline's parameters (each counted once), clipped like torch's rule."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in grads:
-            sq += g.detach().double().square().sum()
-        dist.all_reduce(sq, group=self.pp_group)   # replicas hold the same (averaged) gradients
+            sq += _local(g).detach().double().square().sum()
+        dist.all_reduce(sq)   # stages are disjoint over pp, FSDP shards over dp: each element once
         norm = sq.sqrt().float()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.dtype))
+            _local(g).mul_(coef.to(g.dtype))
         return float(norm)
 
     # ------------------------------------------------------------------ evaluation
@@ -656,6 +675,7 @@ class PipelineTraining(ParallelTraining):
         for m in self.stages:
             m.train()
             m.evaluating = False
+        self._reshard()
         from ..balance import max_violation
         val_loss = float(stats[0] / stats[1].clamp_min(1))
         rec = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
@@ -671,7 +691,9 @@ class PipelineTraining(ParallelTraining):
     def gather_full_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The full model's state dict on rank 0 (None elsewhere): every stage's tensors from replica 0
         (collective)."""
-        part = {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.dp_rank == 0 else None
+        self._reshard()
+        full = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}   # collective over dp
+        part = full if self.dp_rank == 0 else None
         parts = [None] * self.world_size if self.is_main else None
         dist.gather_object(part, parts, dst=0)
         if not self.is_main:
@@ -686,6 +708,7 @@ class PipelineTraining(ParallelTraining):
         the full model's names, so any layout resumes it); ``final`` is also exported as the HF model,
         gathered on rank 0."""
         from .checkpoint import save_parallel_checkpoint
+        self._reshard()
         return save_parallel_checkpoint(self.ctx, out_dir, name, model, tokenizer, optimizer, trainer_state,
                                         layout={"pp": self.pp, "pp_schedule": self.schedule_name, "dp": self.dp},
                                         gather=self.gather_full_state)
@@ -694,7 +717,8 @@ class PipelineTraining(ParallelTraining):
         """Resume from a sharded checkpoint of any layout, or a single-process one (read whole, each
         rank keeping its stages' tensors and AdamW state, matched by parameter name)."""
         from ..state import load_training_state, sharded_info
-        from .checkpoint import load_sharded_checkpoint
+        from .checkpoint import load_sharded_checkpoint, shard_like
+        self._reshard()
         if sharded_info(path):
             return load_sharded_checkpoint(path, model, optimizer)
         from ...checkpoint import load_pretrained
@@ -703,10 +727,21 @@ class PipelineTraining(ParallelTraining):
         missing = sorted(set(own) - set(loaded))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-        model.load_state_dict({n: loaded[n] for n in own})
+        model.load_state_dict({n: shard_like(loaded[n], t, None) for n, t in own.items()})
         del loaded
         # (an embedding copy is refreshed from the owner before the next forward)
         return load_training_state(path, _LocalOptimizerView(optimizer, model, self.full_config))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly FSDP-sharded) tensor; in-place ops on it change the parameter."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -754,6 +789,7 @@ class _LocalOptimizerView:
         self.optimizer, self.model, self.config = optimizer, model, config
 
     def load_state_dict(self, full: dict) -> None:
+        from .checkpoint import shard_like
         by_name = {}
         for g, members in zip(full["param_groups"], full_group_names(self.config, full["param_groups"])):
             if len(members) != len(g["params"]):
@@ -768,7 +804,8 @@ class _LocalOptimizerView:
             for p in g["params"]:
                 st = by_name.get(names[id(p)])
                 if st:
-                    state[li] = dict(st)
+                    state[li] = {k: shard_like(v, p, None) if torch.is_tensor(v) and v.dim() > 0 else v
+                                 for k, v in st.items()}
                 ids.append(li)
                 li += 1
             groups.append({**{k: v for k, v in full["param_groups"][gi].items() if k != "params"}, "params": ids})
