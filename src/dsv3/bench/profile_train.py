@@ -38,7 +38,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                         "nll_loss_forward", "nll_loss_backward", "nll_loss", "cross_entropy_loss", "sigmoid",
                         "sigmoid_backward", "linalg_vector_norm", "norm", "_foreach_norm")),
     ("elementwise", ("mul", "add", "add_", "mul_", "div", "div_", "sub", "rsub", "neg", "silu", "silu_backward",
-                     "sigmoid", "cos", "sin", "mul_out", "addcmul", "clamp", "abs", "sign", "ones_like",
+                     "cos", "sin", "mul_out", "addcmul", "clamp", "abs", "sign", "ones_like",
                      "zeros_like", "expand", "view", "reshape", "transpose", "t", "permute", "narrow", "slice",
                      "select", "unsqueeze", "squeeze", "flatten", "_unsafe_view", "as_strided", "detach")),
 )
@@ -114,7 +114,10 @@ def profile_train_step(preset: str = "small", batch_size: int = 2, seq_len: int 
             phases.clear()
             # The timed steps are the profiled ones: the profiler's cost (microseconds per op) is
             # small next to a step, and a second pass would double the time of a slow bf16 step.
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if dev.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
                 sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(steps):
@@ -122,14 +125,17 @@ def profile_train_step(preset: str = "small", batch_size: int = 2, seq_len: int 
                 sync(dev)
                 step_s = (time.perf_counter() - t0) / steps
             phase_ms = {k: 1e3 * v / steps for k, v in phases.items()}
-            runs[dtype] = {"phase_ms": phase_ms, **_summarize(prof.key_averages(), steps, step_s, top)}
+            runs[dtype] = {"phase_ms": phase_ms,
+                           **_summarize(prof.key_averages(), steps, step_s, top, device_time=dev.type == "cuda")}
         threads_used = torch.get_num_threads()
     return {"benchmark": "profile_train_step", "preset": "custom" if config is not None else preset,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
             "machine": machine_info(threads_used, dev), "runs": runs}
 
 
-def _summarize(averages, steps: int, step_s: float, top: int) -> dict:
+def _summarize(averages, steps: int, step_s: float, top: int, device_time: bool = False) -> dict:
+    """Per-step ms by category and the top ops, from self times: the host's on CPU, the device's
+    (kernel time) when ``device_time``."""
     cats: dict[str, float] = {c: 0.0 for c, _ in CATEGORIES}
     cats["other"] = 0.0
     rows = []
@@ -137,7 +143,7 @@ def _summarize(averages, steps: int, step_s: float, top: int) -> dict:
     for e in averages:
         if not e.key.startswith("aten::"):
             continue              # autograd nodes and profiler scopes: their ops are counted as ATen ops
-        ms = e.self_cpu_time_total / 1e3 / steps
+        ms = (e.self_device_time_total if device_time else e.self_cpu_time_total) / 1e3 / steps
         cats[op_category(e.key)] += ms
         rows.append((e.key, e.count // steps, ms))
         if e.key == "aten::_to_copy":

@@ -19,6 +19,7 @@ def register(subparsers) -> None:
                     description="Each benchmark measures ours and its peers in the same process on the same "
                                 "config, data and thread count, and reports the ratio.")
     _add_train(sub)
+    _add_profile_train(sub)
     _add_decode(sub)
     _add_serve(sub)
 
@@ -74,6 +75,40 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: first-step losses differ by {result['first_loss_abs_diff']:.3g}: "
               f"not the same model", file=sys.stderr)
         return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- profile-train
+def _add_profile_train(sub) -> None:
+    p = add_member(sub, "profile-train", cmd_bench_profile_train,
+                   help="where a training step's time goes, per precision (torch.profiler)",
+                   description="Run the trainer's own step (losses, backward, clipping, AdamW) on one model and "
+                               "batch in each --dtypes precision and report milliseconds per step by op category "
+                               "(GEMMs, attention, casts, norms/reductions, elementwise, indexing), the forward / "
+                               "backward / optimizer phases and the top ops: what bf16 autocast adds besides "
+                               "cheaper GEMMs.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model shape (MTP is switched off)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="sequences per step")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
+    p.add_argument("--dtypes", nargs="+", choices=TRAIN_DTYPES, default=["fp32", "bf16"], help="precisions profiled")
+    p.add_argument("--steps", type=positive_int, default=1, help="profiled (and timed) steps per precision")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    p.add_argument("--top", type=positive_int, default=20, help="top ops listed per precision")
+    add_device_arg(p)
+    add_json_arg(p)
+
+
+def cmd_bench_profile_train(args: argparse.Namespace) -> int:
+    from ..bench.profile_train import format_profile_train, profile_train_step
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    with reported(ValueError):
+        result = profile_train_step(args.preset, args.batch_size, args.seq_len, tuple(args.dtypes), args.threads,
+                                    args.steps, args.warmup, device=args.device, top=args.top)
+    print(format_profile_train(result))
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 
