@@ -112,6 +112,43 @@ def _record_rng_at_saves(where: Path) -> None:
     checkpoint.save_parallel_checkpoint = spy   # the forked process's copy of the module
 
 
+class _NoTokenizer:
+    def save(self, path) -> None:
+        pass
+
+
+def _save_partial_optimizer_state(tmp: Path) -> None:
+    """A sharded checkpoint of an EP model whose MTP module never had a gradient (no AdamW state for
+    it), plus every AdamW moment gathered to full size by the EP and FSDP collectives, for the parent
+    to compare with what one process reads back."""
+    from safetensors.torch import save_file
+    from conftest import tiny_config
+    from dsv3 import Transformer
+    from dsv3.train.optim import build_optimizer
+    from dsv3.train.parallel.checkpoint import gather_full
+    from dsv3.train.parallel.dist import init_distributed
+    from dsv3.train.parallel.training import ParallelTraining
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_group=2, topk_group=1))
+    runner = ParallelTraining(init_distributed("cpu"), ep=2)
+    runner.parallelize(model, log=_quiet)
+    opt = build_optimizer(model, 1e-2)
+    x = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(runner.rank))
+    out = model(x[:, :-1])
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()   # main logits only: no MTP gradient
+    opt.step()
+    runner.save(tmp / "partial", "checkpoint-1", model, _NoTokenizer(), opt, {"step": 1})
+    names = {id(p): n for n, p in model.named_parameters()}
+    from dsv3.train.parallel.expert_parallel import ExpertParallelExperts
+    full = {}
+    for p, st in opt.state.items():
+        owner = model.get_submodule(names[id(p)].rsplit(".", 1)[0])
+        ep = owner if isinstance(owner, ExpertParallelExperts) else None
+        full[names[id(p)]] = gather_full(st["exp_avg"], ep)
+    if runner.is_main:
+        save_file(full, str(tmp / "partial-exp-avg.safetensors"))
+
+
 def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -124,6 +161,7 @@ def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
             from dsv3.post.sft import sft
             sft(sft_config(tmp_p, "sft2"), log=_quiet)     # SFT's checkpoints are sharded the same way
             train(run_config(cache_p, tmp_p / "pp2", pp=2), log=_quiet)   # pipeline stages, 1f1b
+            _save_partial_optimizer_state(tmp_p)
             resumes = {"again": ("ep2", dict(ep=2)), "fsdp": ("ep2", dict(ep=1))}
         else:
             resumes = {"four_ep4": ("ep2", dict(ep=4)), "four_ep2": ("ep2", dict(ep=2)),
@@ -207,6 +245,18 @@ def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread
     assert load_sharded_checkpoint(ckpt, model, build_optimizer(model, 0.0))["step"] == 2
     assert torch.equal(torch.get_rng_state(), load_file(str(tmp_path / "rng-0" / "ep2-checkpoint-2.safetensors"))["torch"])
     assert json.loads(json.dumps(random.getstate())) == json.loads((tmp_path / "rng-0" / "ep2-checkpoint-2.json").read_text())
+
+    # parameters without AdamW state (no gradient yet) come back without one; the rest exactly
+    from conftest import tiny_config
+    model = Transformer(tiny_config(n_group=2, topk_group=1))
+    opt = build_optimizer(model, 1e-2)
+    load_sharded_checkpoint(tmp_path / "partial" / "checkpoint-1", model, opt)
+    want = load_file(str(tmp_path / "partial-exp-avg.safetensors"))
+    got = {n: opt.state[p]["exp_avg"] for n, p in model.named_parameters() if p in opt.state}
+    assert got.keys() == want.keys() and not any(n.startswith("mtp.") for n in got)
+    assert any(n.endswith("experts.gate_proj") for n in got)
+    for n in got:
+        assert torch.equal(got[n], want[n]), n
 
     # same layout: bit-identical continuation and final weights
     again = tmp_path / "again"

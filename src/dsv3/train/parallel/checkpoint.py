@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -287,14 +287,24 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
         raise CheckpointError(f"{path}: not a sharded checkpoint (a single-process one: load_training_state)")
     _reshard(model)
     state, model_sd, optim_sd = dcp_state(model, optimizer, mesh)
+    reader = dcp.HuggingFaceStorageReader(str(s))
+    saved = set(reader.read_metadata().state_dict_metadata)
+    # A parameter that never had a gradient (e.g. MTP at --mtp-weight 0) has no AdamW state, and must
+    # come back without one (a zero state would start its bias correction at another step); DCP still
+    # checks that every model tensor is there.
+    stateless = [k for k, st in state["optim"].items() if not any(f"optim.{k}.{n}" in saved for n in st)]
+    for k in stateless:
+        del state["optim"][k], optim_sd["state"][k]
     try:
-        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(s)))
+        dcp.load(state, storage_reader=reader)
     except Exception as e:  # DCP reports a missing tensor or a shape mismatch as a generic exception
         raise CheckpointError(f"{path}: cannot load the sharded checkpoint into this model ({type(e).__name__}: "
                               f"{e}); was it saved by a run of another model shape?") from e
-    # the tensors are filled in place; set_state_dict also takes the param groups' numbers back
+    # the tensors are filled in place; set_state_dict also takes the param groups' numbers back (not
+    # strict: the stateless parameters; the model's tensors were all found above)
     set_state_dict(model, optimizer, model_state_dict=model_sd,
-                   optim_state_dict={"state": optim_sd["state"], "param_groups": trainer_state["optimizer_param_groups"]})
+                   optim_state_dict={"state": optim_sd["state"], "param_groups": trainer_state["optimizer_param_groups"]},
+                   options=StateDictOptions(strict=False))
     if rng:
         restore_rng(trainer_state, state["rng"]["torch"])
     return trainer_state
