@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/lora_sft.py [--base runs/tiny/final] [--out runs/lora-bench]
         [--steps 150] [--arms full,lora8,lora16,qlora16] [--no-eval]
+    OMP_NUM_THREADS=1 python benchmarks/lora_sft.py --ab 5      # step times, the arms interleaved
 
 Each arm is one ``dsv3 sft`` run (the post-training demo's SFT stage: its synthetic sort data, held-out
 problems removed, batch 16 x 128 tokens, same seed) in its own process; its peak resident set is sampled
@@ -105,6 +106,44 @@ def run_arm(name: str, base: Path, out: Path, steps: int, evaluate: bool = True)
             "threads": torch.get_num_threads()}
 
 
+def step_ab(base: Path, out: Path, rounds: int) -> dict:
+    """Step time of every arm in one process, the arms interleaved round by round so that a loaded
+    machine slows them alike: one SFT step each (forward, the SFT losses, backward, AdamW) on the same
+    demo batch; returns the median seconds per arm (after one warm-up round)."""
+    import torch
+
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.lora import apply_lora, lora_parameters
+    from dsv3.post.chat_data import pack, read_chat_jsonl
+    from dsv3.post.sft import SFTConfig, sft_losses
+    from dsv3.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base)
+    rows = pack(read_chat_jsonl([str(out / "sft_data.jsonl")], tok)[:200], 128, tok.pad_id)
+    batch = rows.rows(list(range(16)))
+    models, opts = {}, {}
+    for name, arm in ARMS.items():
+        torch.manual_seed(0)
+        m = load_pretrained(base, dtype=torch.float32).train()
+        if "lora_rank" in arm:
+            apply_lora(m, arm["lora_rank"], targets=arm["lora_targets"], base_dtype=arm.get("lora_base_dtype", "fp32"))
+            params = lora_parameters(m)
+        else:
+            params = list(m.parameters())
+        models[name], opts[name] = m, torch.optim.AdamW(params, lr=arm["lr"], foreach=False)
+    cfg = SFTConfig()
+    times: dict[str, list[float]] = {n: [] for n in ARMS}
+    for r in range(rounds + 1):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            sft_losses(m, batch, cfg)["loss"].backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if r:  # round 0 warms up (first-touch allocations, AdamW state)
+                times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -116,10 +155,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out accuracy (timing and memory only)")
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="instead: every arm's step time in one process, interleaved for ROUNDS rounds")
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.ab:
+        print(json.dumps({"step_s_interleaved": step_ab(Path(args.base), out, args.ab)}))
+        return 0
     if args.arm:
         print(json.dumps(run_arm(args.arm, Path(args.base), out, args.steps, not args.no_eval)))
         return 0
