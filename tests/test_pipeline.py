@@ -179,12 +179,20 @@ def test_layout_and_errors():
         check_pipeline(cfg, 4, 2, "1f1b", 3, 8)
     with pytest.raises(DistributedError, match="at least 4 microbatches"):
         check_pipeline(cfg, 2, 2, "dualpipev", 2, 8)
+    with pytest.raises(DistributedError, match="multiple of 2 rounds"):
+        check_pipeline(tiny_config(num_hidden_layers=4), 2, 2, "interleaved", 5, 10)
     with pytest.raises(DistributedError, match="--ep"):
         check_pipeline(cfg, 4, 2, "1f1b", 2, 8, ep=2)
     with pytest.raises(DistributedError, match="pp-schedule"):
         check_pipeline(cfg, 2, 2, "gpipe", 2, 8)
     assert check_pipeline(cfg, 4, 2, "1f1b", 2, 8) == 2          # dp = 2
     assert default_microbatches(2, 8) == 4 and default_microbatches(2, 6) == 6 and default_microbatches(4, 6) == 6
+
+
+def test_pp_needs_torchrun():
+    from dsv3.train.parallel.pipeline import PipelineTraining
+    with pytest.raises(DistributedError, match="torchrun --nproc-per-node 2"):
+        PipelineTraining.from_cfg(TrainConfig(pp=2, device="cpu"))
 
 
 def test_bubble_fractions():

@@ -205,15 +205,19 @@ def check_pipeline(config, world_size: int, pp: int, schedule: str, microbatches
                                f"(--batch-size {batch_size} / dp {dp})")
     n = pp * stages_per_rank(schedule)
     need = {"1f1b": pp, "interleaved": 1, "zbv": n, "dualpipev": n}[schedule]
-    if microbatches < need:
+    if microbatches < need:   # 1f1b, dualpipev: torch's minimum; zbv: its V needs one per stage to fill
         raise DistributedError(f"--pp-schedule {schedule} at --pp {pp} needs at least {need} microbatches, "
                                f"got {microbatches}")
+    rounds = max(1, microbatches // pp)
+    if schedule == "interleaved" and microbatches % rounds:
+        raise DistributedError(f"--pp-schedule interleaved runs microbatches in rounds of about --pp ({pp}): "
+                               f"--microbatches {microbatches} must be a multiple of {rounds} rounds")
     return dp
 
 
 def default_microbatches(pp: int, local_batch: int) -> int:
     """The smallest count >= 2 x pp dividing the per-replica batch (2 per stage for 1f1b, 1 per
-    virtual stage otherwise, the least ZB-V and DualPipeV accept), else the batch itself (one
+    virtual stage otherwise: what ZB-V and DualPipeV need to fill the V), else the batch itself (one
     sequence per microbatch; :func:`check_pipeline` then says if that is too few)."""
     for m in range(2 * pp, local_batch + 1):
         if local_batch % m == 0:
