@@ -95,16 +95,19 @@ def blocked_attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torc
                 s.add_(torch.zeros(n, nk, dtype=acc_dtype, device=q.device).masked_fill_(~visible, float("-inf")))
             m_old = m[:, t0:t1]
             m_new = torch.maximum(m_old, s.amax(dim=-1))                          # [G, n]
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 there (its p is 0 anyway).
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = s.sub_(m_safe[..., None]).exp2_()                                 # [G, n, Tb], in place
-            alpha = torch.exp2(m_old - m_safe)                                    # [G, n]; 2^-inf = 0
-            l[:, t0:t1] = l[:, t0:t1] * alpha + p.sum(dim=-1)
+            # A row that has seen no visible key yet keeps m = -inf: subtract a finite number there
+            # instead (its scores are all -inf, so p = 0 and alpha = 2^-inf = 0 either way).
+            m_safe = m_new.clamp(min=torch.finfo(acc_dtype).min)
+            p = s.sub_(m_safe[..., None]).exp2_()                                 # [G, n, nk], in place
+            alpha = torch.exp2(m_old - m_safe)                                    # [G, n]
+            l[:, t0:t1].mul_(alpha).add_(p.sum(dim=-1))
+            acc_t = acc[:, t0:t1].mul_(alpha[..., None])                          # [G, n, dv], a view
             if shared:
-                pv = (p.view(G * n, nk).to(v.dtype) @ v_t[0]).view(G, n, -1)     # [G, n, dv]
+                acc_t.add_((p.view(G * n, nk).to(v.dtype) @ v_t[0]).view(G, n, -1))
+            elif v.dtype == acc_dtype:
+                acc_t.baddbmm_(p, v_t)
             else:
-                pv = torch.bmm(p.to(v.dtype), v_t)
-            acc[:, t0:t1] = acc[:, t0:t1] * alpha[..., None] + pv.to(acc_dtype)
+                acc_t.add_(torch.bmm(p.to(v.dtype), v_t))
             m[:, t0:t1] = m_new
     if acc is None:
         raise ValueError("blocked_attention got no key blocks")
