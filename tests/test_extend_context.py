@@ -143,6 +143,19 @@ def test_stage2_keeps_the_original_length(stage1, pretrained):
         plan_stage(out, 128)
 
 
+def test_a_larger_factor_of_the_run_is_kept(stage1, tmp_path):
+    """A run whose config already has a YaRN factor above L / original (as the v3 preset's 40) keeps it."""
+    import shutil
+    out, _ = stage1
+    copy = tmp_path / "big"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "final" / "config.json").read_text())
+    cfg["rope_scaling"]["factor"] = 40.0
+    (copy / "final" / "config.json").write_text(json.dumps(cfg))
+    rs = plan_stage(copy, 256).config["model_overrides"]["rope_scaling"]
+    assert rs["factor"] == 40.0 and rs["original_max_position_embeddings"] == 32
+
+
 def test_resuming_a_stage_continues_it(stage1, tmp_path):
     import shutil
     out, _ = stage1

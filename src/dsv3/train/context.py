@@ -10,7 +10,10 @@ stage here is:
   beta_fast 32, beta_slow 1, mscale 1, mscale_all_dim 1}`` and ``max_position_embeddings = L``.
   ``original`` is the length the run was pre-trained at; a run that is already extended keeps its
   original (stage 2 after stage 1 raises the factor, as V3's 32K and 128K checkpoints share
-  ``original_max_position_embeddings = 4096``), and keeps its betas and mscales.
+  ``original_max_position_embeddings = 4096``), and keeps its betas and mscales. The factor never
+  drops below the run's: a run whose config already has a larger one keeps it (the ``v3`` preset
+  carries the released ``factor`` 40, which the paper used unchanged in both stages; scaling it per
+  stage as L / original is the choice here for runs that start without YaRN).
 - tokens per step kept: ``batch = batch_size * seq_len // L`` (at least one granule: the number of
   ranks), like 15360 x 4K = 1920 x 32K = 480 x 128K.
 - LR: the source run's final LR (``lr * min_lr_ratio``), constant (no warmup, ``min_lr_ratio`` 1).
@@ -87,10 +90,9 @@ def plan_stage(run_dir: str | Path, length: int, *, out: str | None = None, step
         old_factor = float(yarn["factor"])
     else:
         original, params, old_factor = current, dict(V3_YARN_PARAMS), 1.0
-    factor = length / original
-    if factor <= old_factor:
-        raise error(f"--extend-context {length}: the run's YaRN factor is already {old_factor:g} "
-                    f"(original length {original}); a stage must raise it")
+    # never below the run's factor: a run that already carries a larger one (the v3 preset's 40, which
+    # the paper keeps through both of its stages) keeps it
+    factor = max(length / original, old_factor)
     rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": factor,
                     "original_max_position_embeddings": original, **params}
     if granule < 1:
