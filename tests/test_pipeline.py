@@ -4,8 +4,9 @@ The single-process run is the reference: for every schedule offered, 2 and 4 pip
 pp 2 x dp 2) log the same per-step training and validation losses within 1e-5 for the same seed and
 global batch, and end with the same aux-loss-free biases (integer counts, summed over stages and
 replicas: exactly). One process launch per world size runs every schedule in one process group
-(start-up dominates the cost). A pipeline checkpoint is the single-process layout: it resumes in
-one process with the same next losses.
+(start-up dominates the cost). A pipeline checkpoint (sharded, torch.distributed.checkpoint) resumes
+in one process, and under another schedule (another stage layout), with the same next losses;
+``final/`` has the single-process HF keys.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
             assert all(everyone[r] for r in range(world)), f"{name}: a rank updated no bias"
             for r in range(world):
                 assert everyone[r] == everyone[r % pp], f"{name}: rank {r} biases differ from its replica's"
+        if world == 2:  # the 1f1b run's sharded step-2 checkpoint resumed under another schedule
+            if rank == 0:
+                shutil.copytree(Path(tmp) / "pp2-1f1b", Path(tmp) / "resume-v", ignore=shutil.ignore_patterns("final"))
+            dist.barrier()
+            train(run_config(Path(cache), Path(tmp) / "resume-v", pp=2, pp_schedule="dualpipev"), resume=True)
     except BaseException:
         traceback.print_exc()
         raise
@@ -146,7 +152,10 @@ def test_two_ranks_every_schedule_matches_single_process(cache, reference, tmp_p
     _launch(2, cache, tmp_path)
     for name in cases(2):
         _check_matches(reference, tmp_path / name, name)
-    # a pipeline checkpoint (single-process layout) resumes in one process: the same next losses
+    # resumed under another schedule (another stage layout): the same next losses
+    torch.testing.assert_close(torch.tensor(metrics(tmp_path / "resume-v")[0]),
+                               torch.tensor(metrics(tmp_path / "pp2-1f1b")[0]), rtol=0, atol=1e-5)
+    # a pipeline checkpoint resumes in one process: the same next losses
     run = tmp_path / "pp2-interleaved"
     shutil.copytree(run, tmp_path / "resume1", ignore=shutil.ignore_patterns("final"))
     saved = read_trainer_state(tmp_path / "resume1" / "checkpoint-2")
