@@ -24,7 +24,8 @@ def test_parse():
     assert BatchRamp.parse("3072:469B") == BatchRamp(3072, 469 * 10**9)
     assert BatchRamp.parse(" 4 : 1.5M ") == BatchRamp(4, 1_500_000)
     assert BatchRamp.parse("1:2e4") == BatchRamp(1, 20_000)
-    for bad in ("x", "5", "0:10", "2:0", "2:-5", "2:10Q"):
+    assert BatchRamp.parse("2:1M:4") == BatchRamp(2, 10**6, 4)
+    for bad in ("x", "5", "0:10", "2:0", "2:-5", "2:10Q", "2:10:0", "2:10:x"):
         with pytest.raises(ValueError, match="batch ramp"):
             BatchRamp.parse(bad)
     import argparse
@@ -47,6 +48,10 @@ def test_sizes_worked_by_hand():
         BatchRamp(9, 64).sizes(8, 4, 3)
     with pytest.raises(ValueError, match="not a multiple"):
         BatchRamp(2, 64).sizes(6, 4, 3, granule=4)
+    # a fixed multiple gives the same sizes at any number of ranks it is a multiple of
+    assert BatchRamp(2, 64, 2).sizes(8, 4, 7) == BatchRamp(2, 64, 2).sizes(8, 4, 7, granule=2) == [2, 2, 2, 4, 4, 6, 8]
+    with pytest.raises(ValueError, match="not a multiple of the 4 ranks"):
+        BatchRamp(2, 64, 2).sizes(8, 4, 7, granule=4)
 
 
 def test_sizes_properties():
@@ -119,3 +124,33 @@ def test_resume_mid_ramp_is_bit_exact(ramped, tmp_path):
 def test_bad_ramp_is_a_train_error(corpus, tmp_path):
     with pytest.raises(TrainError, match="above --batch-size"):
         train(ramp_run(corpus, tmp_path, batch_ramp="8:256", max_steps=1), log=lambda *a: None)
+
+
+def _ramp_worker(rank: int, corpus: str, tmp: str) -> None:
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    try:
+        train(ramp_run(Path(corpus), Path(tmp) / "two", max_steps=6, batch_ramp="2:256:2", save_every=0,
+                       cache_dir=str(Path(tmp) / "single")), log=lambda *a: None)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ramp_at_two_ranks_equals_one_process(corpus, tmp_path, one_thread):
+    """With a fixed multiple (2) the ramp gives one process and 2 gloo ranks (FSDP2) the same sizes and losses."""
+    import torch.multiprocessing as mp
+    train(ramp_run(corpus, tmp_path / "single", max_steps=6, batch_ramp="2:256:2", save_every=0),
+          log=lambda *a: None)
+    mp.spawn(_ramp_worker, args=(str(corpus), str(tmp_path)), nprocs=2, join=True)
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "two")
+    # 2 + 2 * seen / 256 with 32 tokens a sequence, in multiples of 2: seen 0, 64, 128, 192, 256 -> 2, 2, 2, 2, 4
+    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b] == [2, 2, 2, 2, 4, 4]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-5, ra["step"]

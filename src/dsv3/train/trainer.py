@@ -55,11 +55,12 @@ class TrainConfig(LoopOptions):
                            type=positive_int)
     seq_len: int = knob(256, "tokens per sequence", type=positive_int)
     grad_accum: int = knob(1, "micro-batches per step", type=positive_int)
-    batch_ramp: str | None = knob(None, "batch-size ramp START:TOKENS (V3: 3072 -> 15360 over 469B tokens): start at "
-                                        "START sequences, grow linearly in tokens to --batch-size over the first TOKENS "
-                                        "(K/M/B/T suffixes), in multiples of the ranks; the LR schedule stays per step "
-                                        "(train/batch_ramp.py; default: none, --batch-size from the first step)", type=batch_ramp_spec,
-                                  metavar="START:TOKENS")
+    batch_ramp: str | None = knob(None, "batch-size ramp START:TOKENS[:MULTIPLE] (V3: 3072 -> 15360 over 469B "
+                                        "tokens): start at START sequences, grow linearly in tokens to --batch-size "
+                                        "over the first TOKENS (K/M/B/T suffixes), in multiples of MULTIPLE (default: "
+                                        "the ranks; fixed, the run is the same at any rank count); the LR schedule "
+                                        "stays per step (train/batch_ramp.py; default: none, --batch-size from the "
+                                        "first step)", type=batch_ramp_spec, metavar="START:TOKENS[:MULTIPLE]")
     extend_context: int | None = knob(None, "with --resume RUN: a context-extension stage at sequence length L "
                                             "(YaRN; DeepSeek-V3 4K -> 32K -> 128K) written to a new run (--out, default "
                                             "RUN-ctxL); batch, constant LR and steps (--max-steps) scaled from the run "
