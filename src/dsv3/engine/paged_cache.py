@@ -100,7 +100,11 @@ class PagedBatch:
         self.block_tables, self.context_lens = block_tables, context_lens
 
     def attend(self, mla, q_nope, q_pe, c_kv, k_pe, start_pos: int, absorb: bool) -> torch.Tensor:
-        """q_nope [1,N,H,nope], q_pe [1,N,H,rope], new c_kv [1,N,r], k_pe [1,N,rope] -> [1,N,H,v]."""
+        """q_nope [1,N,H,nope], q_pe [1,N,H,rope], new c_kv [1,N,r], k_pe [1,N,rope] -> [1,N,H,v].
+
+        Rows always run absorbed; sequences take the path with fewer FLOPs for their query count and
+        context (:meth:`dsv3.model.mla.MLA.absorbed_is_cheaper`; both are exact), so ``absorb`` is
+        not consulted here."""
         new = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(self.cache.kv.dtype)     # [N, r+rope]
         # One write into the whole [layers, slots, r+rope] tensor by (layer, slot) index: torch.compile
         # keeps it in place. The same write through the per-layer view made inductor copy the entire
