@@ -282,6 +282,9 @@ def test_sft_lora_learns_resumes_exactly_merges_and_serves(chat_setup, tmp_path,
     with pytest.raises(SystemExit):
         main(["merge-lora", str(path), str(tmp_path / "nowhere"), str(tmp_path / "m2")])
     assert "adapter_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                            # an adapter given as --model: say what to do
+        main(["chat", "--model", str(final)])
+    assert f"--model {path} --adapter {final}" in capsys.readouterr().err
 
 
 def test_an_adapter_peft_trained_loads_into_ours(tmp_path):

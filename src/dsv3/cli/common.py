@@ -149,6 +149,11 @@ def engine_inputs(args: argparse.Namespace):
         import torch
         torch.set_num_threads(args.threads)
     require_dir(args.model, "--model")
+    adapter_config = os.path.join(args.model, "adapter_config.json")
+    if os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        with open(adapter_config) as f:
+            base = json.load(f).get("base_model_name_or_path") or "BASE"
+        raise CLIError(f"--model {args.model} is a LoRA adapter, not a model: --model {base} --adapter {args.model}")
     config = ModelConfig.from_json_file(args.model)
     try:
         tokenizer = Tokenizer.load(args.tokenizer or args.model)
