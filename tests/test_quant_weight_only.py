@@ -513,3 +513,73 @@ def test_paged_decode_attention_uses_the_int8_absorbed_products():
     assert calls == ["absorb_query", "absorb_output"]
     assert got.shape == ref.shape == (1, N, H, attn.v_dim)
     assert ((got - ref).norm() / ref.norm()).item() < 4 * BF16_U
+
+
+# ------------------------------------------------------------------------------------------ int8 activations
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="int8 activations run fbgemm (x86 builds of torch)")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_activations_linear_is_within_the_activation_rounding(rows):
+    """fbgemm's dynamic linear vs ``x @ dequant(W).T`` in fp64: the only extra error is rounding x to
+    7-bit steps of its range (one scale for all rows, zero point included), at most half a step per
+    element: |err[m, n]| <= 0.5 * step * sum_k |W[n, k]| (+ fp32 accumulation)."""
+    torch.manual_seed(21)
+    lin = nn.Linear(96, 48, bias=True)
+    m = Int8Linear(lin, activations="int8")
+    x = torch.randn(rows, 96)
+    y = m(x)
+    assert y.shape == (rows, 48) and y.dtype == x.dtype
+    w = dequantize_int8(*quantize_int8(lin.weight)).double()
+    want = x.double() @ w.T + lin.bias.detach().double()
+    step = (x.max().clamp_min(0) - x.min().clamp_max(0)).double() / 127
+    bound = 0.5 * step * w.abs().sum(1) * (1 + 1e-3) + 1e-4
+    assert bool(((y.double() - want).abs() <= bound).all())
+    # and it is not the weight-only result (the activations really are rounded)
+    assert not torch.allclose(y, Int8Linear(lin)(x), rtol=0, atol=1e-6)
+
+
+@needs_fbgemm
+def test_int8_activations_experts_and_compile():
+    torch.manual_seed(22)
+    experts = RoutedExperts(8, 64, 32)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.1)
+    mod = Int8Experts(experts, activations="int8")
+    x = torch.randn(6, 64)
+    weights, topk = _routing(6, 8, 3, seed=1)
+    y = mod(x, weights, topk)
+    with torch.no_grad():
+        full = experts(x, weights, topk)
+    # stated tolerance: int8 weights + 7-bit activations of both products, 5% relative (weight-only: 2%)
+    assert ((y - full).norm() / full.norm()).item() < 0.05
+    lin = Int8Linear(nn.Linear(64, 64), activations="int8")
+    step = lambda x, w, t: lin(mod(x, w, t))            # noqa: E731
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)(x, weights, topk)
+    assert torch.equal(compiled, step(x, weights, topk))
+
+
+@needs_fbgemm
+def test_model_logits_with_int8_activations():
+    """Stated tolerance of int8 weights *and* activations: logits within 5% (relative Frobenius) of
+    fp32 on the random tiny V3 of test_model_logits (weight-only: 3%); a deep copy decodes the same."""
+    torch.manual_seed(8)
+    model = dsv3.Transformer(tiny_config(**INT4_DIMS)).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    ref = _logits(model, ids)
+    q = copy.deepcopy(model)
+    summary = quantize_weight_only(q, "int8", head=True, activations="int8")
+    assert summary["activations"] == "int8"
+    assert all(m.activations == "int8" for m in q.modules() if isinstance(m, (Int8Linear, Int8Experts)))
+    got = _logits(q, ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05
+    assert torch.equal(_logits(copy.deepcopy(q), ids), got)
+
+
+def test_int8_activations_rejects_unknown_values():
+    with pytest.raises(ValueError, match="activations"):
+        quantize_weight_only(dsv3.Transformer(tiny_config(**INT4_DIMS)), "int8", activations="fp8")
+    with pytest.raises(ValueError, match="activations"):
+        Int8Experts(RoutedExperts(2, 8, 8), activations="bf16")

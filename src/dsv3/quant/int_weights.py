@@ -25,6 +25,7 @@ functions cast to it and back.
 from __future__ import annotations
 
 import platform
+import weakref
 
 import torch
 
@@ -84,6 +85,75 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     a = x.reshape(-1, x.shape[-1]).to(cd).contiguous()                     # [M, K]; the kernel reads rows densely
     y = torch.ops.aten._weight_int8pack_mm(a, q, scale).to(x.dtype)        # [M, N]
     if bias is not None:                      # added in x's dtype, not in the kernel's (bf16 would round it)
+        y = y + bias.to(y.dtype)
+    return y.view(*lead, q.shape[0])
+
+
+# ------------------------------------------------------------------- int8 with dynamic int8 activations
+def fbgemm_available() -> bool:
+    """Whether torch was built with fbgemm (x86), the engine of :func:`int8_dynamic_linear`."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pack_int8_dynamic(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """(q [N, K] int8, scale [N]) -> fbgemm's prepacked weight (its own copy of the codes, in its blocked
+    layout). The dequantized weight is exactly ``q * scale``."""
+    if not fbgemm_available():
+        raise RuntimeError("int8 activations need torch's fbgemm engine (x86 builds); this torch has "
+                           f"{torch.backends.quantized.supported_engines}")
+    torch.backends.quantized.engine = "fbgemm"
+    s = scale.double()
+    qw = torch._make_per_channel_quantized_tensor(q.contiguous(), s, torch.zeros_like(s, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
+# (data_ptr of q, index) -> (weakref to q, packed). The packed weights live beside the int8 buffer they
+# were made from, not in the module: a torchbind object cannot be a custom op's argument, and this
+# keeps torch.compile's graph to plain tensors. q is the module's buffer itself (for stacked experts
+# [E, N, K], ``index`` is the expert); a dead weakref means the address may have been reused, so repack.
+_PACKED: dict[tuple[int, int], tuple[weakref.ref, torch.ScriptObject]] = {}
+
+
+def packed_int8(q: torch.Tensor, scale: torch.Tensor, index: int = -1) -> torch.ScriptObject:
+    """fbgemm's packed weight of ``q [N, K]`` (index -1) or of ``q[index]`` for stacked ``q [E, N, K]``,
+    packed once while ``q`` lives."""
+    key = (q.data_ptr(), index)
+    hit = _PACKED.get(key)
+    if hit is None or hit[0]() is None:
+        for k in [k for k, (r, _) in _PACKED.items() if r() is None]:     # drop entries of freed weights
+            del _PACKED[k]
+        w, s = (q, scale) if index < 0 else (q[index], scale[index])
+        hit = _PACKED[key] = (weakref.ref(q), pack_int8_dynamic(w, s))
+    return hit[1]
+
+
+@torch.library.custom_op("dsv3::int8_dynamic_mm", mutates_args=())
+def int8_dynamic_mm(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] fp32 @ (q [N, K] int8 * scale [N])^T -> [M, N] fp32``, ``a`` quantized on the fly.
+
+    fbgemm's dynamic linear rounds the activations to 7-bit unsigned integers with one scale and zero
+    point for all M rows (``reduce_range``: AVX2 without VNNI multiplies u8 x s8 pairs into int16,
+    which 8-bit activations could overflow), multiplies them by the int8 codes with integer dot
+    products (int32 accumulation) and rescales in fp32. Its error is the weight's int8 rounding plus
+    the activations' 7-bit rounding (benchmarks/int8_gemv_cpu.py: about twice weight-only's).
+    """
+    return torch.ops.quantized.linear_dynamic(a.float().contiguous(), packed_int8(q, scale), True)
+
+
+@int8_dynamic_mm.register_fake
+def _(a, q, scale):
+    return a.new_empty(a.shape[0], q.shape[0], dtype=torch.float32)
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ (q * scale)^T (+ bias)`` with int8 activations (:func:`int8_dynamic_mm`) -> ``[..., N]``
+    in x's dtype. fbgemm packs ``q`` on the first call and keeps it while ``q`` lives."""
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the int8 weight {tuple(q.shape)} expects {q.shape[1]}")
+    lead = x.shape[:-1]
+    y = torch.ops.dsv3.int8_dynamic_mm(x.reshape(-1, x.shape[-1]), q, scale).to(x.dtype)   # [M, N]
+    if bias is not None:
         y = y + bias.to(y.dtype)
     return y.view(*lead, q.shape[0])
 

@@ -36,11 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.mla import MLA
-from .int_weights import (KernelFormatBuffers, check_int4_shape, dequantize_int8, int4_linear, int8_linear,
-                          kernel_dtype, pack_int4, quantize_int4, quantize_int8)
+from .int_weights import (KernelFormatBuffers, check_int4_shape, dequantize_int8, fbgemm_available, int4_linear,
+                          int8_dynamic_linear, int8_linear, kernel_dtype, pack_int4, quantize_int4, quantize_int8)
 from .weight_only_experts import Int4Experts, Int8Experts
 
 SCHEMES = ("int8", "int4")
+# int8 layers' activations: "float" (weight-only: torch's _weight_int8pack_mm on bf16 activations) or
+# "int8" (rounded per call to 7 bits by fbgemm's dynamic linear, integer dot products: 1.5-3.8x the
+# weight-only kernel's speed on AVX2 in benchmarks/int8_gemv_cpu.py, about twice its error).
+ACTIVATIONS = ("float", "int8")
 DEFAULT_GROUP_SIZE = 32
 # Replaced only with latent=True (by Int8AbsorbedProj): decoding reads this Linear's weight through
 # the absorbed attention's per-head views, it is not called.
@@ -59,20 +63,35 @@ class Int8Linear(KernelFormatBuffers):
 
     _kernel_buffers = ("weight", "weight_scale")
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, activations: str = "float"):
         super().__init__()
+        check_activations(activations)
         w = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.activations = linear.in_features, linear.out_features, activations
         q, scale = quantize_int8(w)
         self.register_buffer("weight", q)                                              # [out, in] int8
-        self.register_buffer("weight_scale", scale.to(kernel_dtype(w.device, w.dtype)))   # [out]
+        # fp32 for fbgemm (it packs from them once); the bf16 kernel dtype is _weight_int8pack_mm's
+        sd = torch.float32 if activations == "int8" else kernel_dtype(w.device, w.dtype)
+        self.register_buffer("weight_scale", scale.to(sd))                             # [out]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.activations == "int8":
+            return int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
         return int8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8, activations={self.activations}")
+
+
+def check_activations(activations: str) -> None:
+    """Raise a ValueError unless ``activations`` is one of :data:`ACTIVATIONS` and its kernel exists here."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: must be one of {', '.join(ACTIVATIONS)}")
+    if activations == "int8" and not fbgemm_available():
+        raise ValueError("activations='int8' needs torch's fbgemm engine (x86 builds of torch); "
+                         f"this one has {torch.backends.quantized.supported_engines}")
 
 
 class Int4Linear(KernelFormatBuffers):
@@ -179,11 +198,14 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
-                         head: bool = False, latent: bool = False) -> dict:
+                         head: bool = False, latent: bool = False, activations: str = "float") -> dict:
     """Replace ``model``'s linear layers and routed experts by ``scheme`` (``int8`` | ``int4``) ones, in place.
 
     group_size: int4's input channels per scale (32, 64, 128 or 256). head: also quantize ``lm_head``.
     latent: also MLA's ``kv_b_proj``, as :class:`Int8AbsorbedProj` (int8 for either scheme).
+    activations: of the int8 linear layers and experts (:data:`ACTIVATIONS`): ``"float"`` keeps them
+    weight-only; ``"int8"`` also rounds their inputs to 7 bits per call (fbgemm; faster on AVX2, about
+    twice the error; int4 layers and ``Int8AbsorbedProj`` stay weight-only).
     The model must be on the CPU (the kernels are torch's CPU ones) and is meant for inference only
     (the new layers hold buffers, not Parameters). Returns a summary: the scheme, the replaced module
     names by kind, int4 layers that fell back to int8 (with the reason) and the weight bytes before
@@ -195,12 +217,13 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
         why = check_int4_shape(16, group_size, group_size)
         if why:
             raise ValueError(f"int4 group_size={group_size}: {why}")
+    check_activations(activations)
     params = list(model.parameters())
     if params and params[0].device.type != "cpu":
         raise ValueError(f"weight-only {scheme} runs torch's CPU kernels; the model is on {params[0].device}")
     before = _weight_bytes(model)
     summary: dict = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "head": head,
-                     "latent": latent, "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
+                     "latent": latent, "activations": activations, "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if not name:
@@ -214,10 +237,10 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
                 if child in KEEP_LINEARS or (name == "lm_head" and not head):
                     summary["kept"].append(name)
                     continue
-                new, why = _linear(module, scheme, group_size)
+                new, why = _linear(module, scheme, group_size, activations)
                 summary["linear"].append(name)
             elif _is_stacked_experts(module):
-                new, why = _experts(module, scheme, group_size)
+                new, why = _experts(module, scheme, group_size, activations)
                 summary["experts"].append(name)
             else:
                 continue
@@ -228,20 +251,20 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
     return summary
 
 
-def _linear(linear: nn.Linear, scheme: str, group_size: int) -> tuple[nn.Module, str | None]:
+def _linear(linear: nn.Linear, scheme: str, group_size: int, activations: str) -> tuple[nn.Module, str | None]:
     if scheme == "int4":
         why = check_int4_shape(linear.out_features, linear.in_features, group_size)
         if why is None:
             return Int4Linear(linear, group_size), None
-        return Int8Linear(linear), why
-    return Int8Linear(linear), None
+        return Int8Linear(linear, activations), why
+    return Int8Linear(linear, activations), None
 
 
-def _experts(experts: nn.Module, scheme: str, group_size: int) -> tuple[nn.Module, str | None]:
+def _experts(experts: nn.Module, scheme: str, group_size: int, activations: str) -> tuple[nn.Module, str | None]:
     if scheme == "int4":
         E, inter, hidden = experts.gate_proj.shape
         why = check_int4_shape(2 * inter, hidden, group_size) or check_int4_shape(hidden, inter, group_size)
         if why is None:
             return Int4Experts(experts, group_size), None
-        return Int8Experts(experts), why
-    return Int8Experts(experts), None
+        return Int8Experts(experts, activations), why
+    return Int8Experts(experts, activations), None

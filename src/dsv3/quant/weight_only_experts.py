@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int_weights import KernelFormatBuffers, check_int4_shape, kernel_dtype, pack_int4, quantize_int4, quantize_int8
+from .int_weights import (KernelFormatBuffers, check_int4_shape, fbgemm_available, kernel_dtype, pack_int4, packed_int8,
+                          quantize_int4, quantize_int8)
 
 
 def _expert_loop(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, n_experts: int, cd: torch.dtype,
@@ -76,6 +77,22 @@ def _(x, weights, topk, gate_up, gate_up_scale, down, down_scale):
     return torch.empty_like(x)                                # [T, D]
 
 
+@torch.library.custom_op("dsv3::int8_dynamic_experts", mutates_args=())
+def int8_dynamic_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
+                         gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_experts` with int8 activations: each expert's two products are fbgemm's dynamic linear
+    (``int_weights.int8_dynamic_mm``: its rows rounded to 7 bits with one scale per call) -> [T, D]."""
+    mm = torch.ops.quantized.linear_dynamic
+    return _expert_loop(x, weights, topk, gate_up.shape[0], torch.float32,
+                        lambda c, e: mm(c.contiguous(), packed_int8(gate_up, gate_up_scale, e), True),
+                        lambda h, e: mm(h.contiguous(), packed_int8(down, down_scale, e), True))
+
+
+@int8_dynamic_experts.register_fake
+def _(x, weights, topk, gate_up, gate_up_scale, down, down_scale):
+    return torch.empty_like(x)                                # [T, D]
+
+
 @torch.library.custom_op("dsv3::int4_experts", mutates_args=())
 def int4_experts(x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor, gate_up: torch.Tensor,
                  gate_up_sz: torch.Tensor, down: torch.Tensor, down_sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -101,14 +118,24 @@ def stacked_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Experts(KernelFormatBuffers):
-    """Routed experts with int8 weights, symmetric per output channel of each expert."""
+    """Routed experts with int8 weights, symmetric per output channel of each expert.
+
+    ``activations="int8"``: the products also round their inputs to 7 bits (fbgemm's dynamic linear),
+    see ``int_weights.int8_dynamic_mm``.
+    """
 
     _kernel_buffers = ("gate_up", "gate_up_scale", "down", "down_scale")
 
-    def __init__(self, experts: nn.Module):
+    def __init__(self, experts: nn.Module, activations: str = "float"):
         super().__init__()
+        if activations not in ("float", "int8"):
+            raise ValueError(f"activations={activations!r}: must be 'float' (weight-only) or 'int8'")
+        if activations == "int8" and not fbgemm_available():
+            raise ValueError("activations='int8' needs torch's fbgemm engine (x86 builds of torch)")
+        self.activations = activations
         gate_up, down = stacked_weights(experts)
-        cd = kernel_dtype(gate_up.device, gate_up.dtype)
+        # fp32 scales for fbgemm (packed from them once per expert); bf16 for _weight_int8pack_mm
+        cd = torch.float32 if activations == "int8" else kernel_dtype(gate_up.device, gate_up.dtype)
         for name, w in (("gate_up", gate_up), ("down", down)):
             qs = [quantize_int8(w[e]) for e in range(w.shape[0])]
             self.register_buffer(name, torch.stack([q for q, _ in qs]))                   # [E, N, K] int8
@@ -116,12 +143,12 @@ class Int8Experts(KernelFormatBuffers):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/topk [T, k] -> sum_k weight * expert_k(x)  [T, D]."""
-        return torch.ops.dsv3.int8_experts(x, weights, topk, self.gate_up, self.gate_up_scale, self.down,
-                                           self.down_scale)
+        op = torch.ops.dsv3.int8_dynamic_experts if self.activations == "int8" else torch.ops.dsv3.int8_experts
+        return op(x, weights, topk, self.gate_up, self.gate_up_scale, self.down, self.down_scale)
 
     def extra_repr(self) -> str:
         E, two_i, hidden = self.gate_up.shape
-        return f"experts={E}, hidden={hidden}, intermediate={two_i // 2}, int8"
+        return f"experts={E}, hidden={hidden}, intermediate={two_i // 2}, int8, activations={self.activations}"
 
 
 class Int4Experts(KernelFormatBuffers):
