@@ -28,7 +28,10 @@ ARMS = {  # name -> SFT settings beyond the demo's
     "lora8": {"lr": 5e-3, "lora_rank": 8, "lora_targets": "q,kv,o,shared,experts"},
     "lora16": {"lr": 5e-3, "lora_rank": 16, "lora_targets": "q,kv,o,shared,experts"},
     "qlora16": {"lr": 5e-3, "lora_rank": 16, "lora_targets": "q,kv,o,shared,experts", "lora_base_dtype": "int8"},
+    # PEFT's modules_to_save: the embedding and head trained whole (the new chat tokens' rows)
+    "lora16eh": {"lr": 5e-3, "lora_rank": 16, "lora_targets": "q,kv,o,shared,experts", "lora_modules_to_save": "embed,head"},
 }
+BASELINE = {"lora_modules_to_save": ""}  # LoRA arms without the key: the old behaviour, whatever the default
 
 
 def rss_mb() -> float:
@@ -78,7 +81,7 @@ def run_arm(name: str, base: Path, out: Path, steps: int, evaluate: bool = True)
         data.write_text("".join(json.dumps(p.sft_record()) + "\n" for p in train), encoding="utf-8")
     settings = dict(model=str(base), data=[str(data)], out=str(out / name), max_steps=steps,
                     batch_size=demo.sft_batch_size, seq_len=128, seed=demo.seed, save_every=0,
-                    eval_every=0, progress=False, **ARMS[name])
+                    eval_every=0, progress=False, **({**BASELINE, **ARMS[name]} if "lora_rank" in ARMS[name] else ARMS[name]))
     rss0 = rss_mb()  # torch and the data loaded, no model yet
     t0 = time.perf_counter()
     with RSSPeak() as peak:
@@ -102,6 +105,7 @@ def run_arm(name: str, base: Path, out: Path, steps: int, evaluate: bool = True)
     return {"arm": name, **ARMS[name], "steps": steps, "trainable_params": trainable, "peak_rss_mb": peak_rss_mb,
             "rss_before_mb": rss0, "sft_peak_rss_mb": peak.mb, "sft_rss_growth_mb": peak.mb - rss0,
             "step_s": step_s, "sft_wall_s": wall, "first_loss": summary["first_loss"], "last_loss": summary["last_loss"],
+            "val_loss": summary.get("val_loss"), "val_token_acc": summary.get("val_token_acc"),
             "accuracy": acc["accuracy"], "format_rate": acc["format_rate"], "saved_mb": saved / 2**20,
             "threads": torch.get_num_threads()}
 

@@ -18,7 +18,7 @@ from conftest import tiny_config
 import dsv3
 from dsv3 import Transformer
 from dsv3.lora import (LoRAError, LoRAExperts, LoRALinear, apply_lora, load_adapter, lora_modules, lora_parameters,
-                       lora_state_dict, merge_lora, save_adapter)
+                       lora_state_dict, merge_adapter, merge_lora, save_adapter, saved_modules)
 from dsv3.quant.int_weights import dequantize_int8, quantize_int8
 
 ALL = "q,kv,o,shared,experts"
@@ -39,12 +39,16 @@ def tokens(vocab: int = 96, batch: int = 2, seq: int = 24, seed: int = 0) -> tor
 
 
 def randomize_b_(model, std: float = 0.05, seed: int = 1) -> None:
-    """Give every adapter a non-zero B (a fresh one is zero, i.e. a no-op)."""
+    """Give every adapter a non-zero B (a fresh one is zero, i.e. a no-op), and move the embedding and
+    head when they are trained whole (as training them would)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(model):
             if p.abs().sum() == 0:
                 p.copy_(std * torch.randn(p.shape, generator=g))
+        for s in saved_modules(model):
+            w = getattr(model, {"embed": "embed_tokens", "head": "lm_head"}[s]).weight
+            w.add_(std * torch.randn(w.shape, generator=g))
 
 
 @pytest.mark.parametrize("q_lora", [True, False])
@@ -174,6 +178,55 @@ def test_save_load_round_trip_in_peft_names(tmp_path):
         load_adapter(tiny_model(hidden_size=48), tmp_path / "ad")
 
 
+def test_modules_to_save_train_the_embedding_and_head_whole(tmp_path):
+    """modules_to_save: the embedding and head learn (in place), save in PEFT's names and config,
+    load back into a fresh model, and stay in the merged model; other weights stay frozen."""
+    model = tiny_model().train()
+    base = tiny_model()
+    apply_lora(model, 4, targets="q,kv,o", modules_to_save="head,embed")
+    assert saved_modules(model) == ("embed", "head")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"embed_tokens.weight", "lm_head.weight"} <= trainable
+    assert all(".lora_" in n for n in trainable - {"embed_tokens.weight", "lm_head.weight"})
+    assert {id(p) for p in lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    x = tokens(batch=4, seq=32)
+    for _ in range(3):
+        logits = model(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
+    assert torch.equal(model.layers[1].mlp.experts.gate_proj, base.layers[1].mlp.experts.gate_proj)
+    save_adapter(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["embed_tokens", "lm_head"]
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    # PEFT's saved form (ModulesToSaveWrapper drops its "modules_to_save.default." infix)
+    assert torch.equal(saved["base_model.model.model.embed_tokens.weight"], model.embed_tokens.weight)
+    assert torch.equal(saved["base_model.model.lm_head.weight"], model.lm_head.weight)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        fresh = load_adapter(tiny_model(), tmp_path / "ad")
+        assert saved_modules(fresh) == ("embed", "head")
+        assert torch.equal(fresh(x), want)
+        merged = merge_adapter(tiny_model(), tmp_path / "ad")
+        assert not lora_modules(merged) and not saved_modules(merged)
+        torch.testing.assert_close(merged(x), want, rtol=0, atol=1e-5)
+    # an adapter with the modules does not fit a model whose LoRA run lacks them, and vice versa
+    other = tiny_model()
+    apply_lora(other, 4, targets="q,kv,o")
+    with pytest.raises(LoRAError, match="does not fit.*missing|does not fit.*unexpected"):
+        load_adapter(other, tmp_path / "ad")
+    with pytest.raises(LoRAError, match="modules to save"):
+        apply_lora(tiny_model(), 4, modules_to_save="embed,norm")
+    with pytest.raises(LoRAError, match="tied"):
+        apply_lora(tiny_model(tie_word_embeddings=True), 4, modules_to_save="head")
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(LoRAError, match="unknown LoRA target"):
         apply_lora(tiny_model(), 4, targets="q,ffn")
@@ -187,9 +240,10 @@ def test_bad_settings_are_refused():
         apply_lora(model, 2)
 
 
-@pytest.mark.parametrize("targets", ["q,kv,o", "shared", ALL])
-def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, targets):
-    """Our adapter on our model == peft's PeftModel.from_pretrained(transformers model, adapter)."""
+@pytest.mark.parametrize("targets,save", [("q,kv,o", ""), ("shared", ""), (ALL, ""), ("q,kv,o", "embed,head")])
+def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, targets, save):
+    """Our adapter on our model == peft's PeftModel.from_pretrained(transformers model, adapter);
+    with modules_to_save, peft's copies of the embedding and head get our trained weights."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -198,7 +252,7 @@ def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, ta
     hf = build_hf(d, 0)
     hf.save_pretrained(tmp_path / "base")
     ours = dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-    apply_lora(ours, 4, alpha=8.0, targets=targets)
+    apply_lora(ours, 4, alpha=8.0, targets=targets, modules_to_save=save)
     randomize_b_(ours)
     save_adapter(ours, tmp_path / "ad", base_model=str(tmp_path / "base"))
     x = input_ids(d["vocab_size"])
@@ -212,6 +266,11 @@ def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, ta
         peft_logits = pm(x).logits
     assert (ours_logits - base_logits).abs().max() > 0.1                # the adapter matters
     torch.testing.assert_close(peft_logits, ours_logits, rtol=0, atol=1e-4)
+    if save:  # peft put its wrappers on exactly these two modules, holding our weights
+        wrapped = {n.split(".modules_to_save.")[0] for n, _ in pm.named_parameters() if ".modules_to_save." in n}
+        assert wrapped == {"base_model.model.model.embed_tokens", "base_model.model.lm_head"}
+        torch.testing.assert_close(pm.base_model.model.lm_head.modules_to_save["default"].weight,
+                                   ours.lm_head.weight, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------- sft, merge, engine
@@ -235,7 +294,7 @@ def test_sft_lora_learns_resumes_exactly_merges_and_serves(chat_setup, tmp_path,
     path, tok, data = chat_setup
     common = dict(model=str(path), data=[str(data)], batch_size=4, seq_len=64, lr=3e-2, warmup_steps=0,
                   save_every=2, eval_every=0, val_fraction=0.0, progress=False, lora_rank=4,
-                  lora_targets="q,kv,o,shared,experts")
+                  lora_targets="q,kv,o,shared,experts", lora_modules_to_save="")
     a = sft(SFTConfig(out=str(tmp_path / "a"), max_steps=4, **common), log=lambda *m: None)
     final = tmp_path / "a" / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
@@ -287,9 +346,42 @@ def test_sft_lora_learns_resumes_exactly_merges_and_serves(chat_setup, tmp_path,
     assert f"--model {path} --adapter {final}" in capsys.readouterr().err
 
 
-def test_an_adapter_peft_trained_loads_into_ours(tmp_path):
+def test_sft_lora_modules_to_save_train_embed_head_and_merge_and_serve_them(chat_setup, tmp_path):
+    """`dsv3 sft --lora-modules-to-save embed,head`: the adapter holds the trained embedding and head,
+    `dsv3 merge-lora` writes them into the checkpoint, and `LLM(base, adapter=)` decodes as the merge."""
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.cli import main
+    from dsv3.engine import LLM, SamplingParams
+    from dsv3.post.sft import SFTConfig, sft
+    path, tok, data = chat_setup
+    s = sft(SFTConfig(model=str(path), data=[str(data)], out=str(tmp_path / "r"), max_steps=2, batch_size=4,
+                      seq_len=64, lr=3e-2, warmup_steps=0, save_every=0, eval_every=0, val_fraction=0.0,
+                      progress=False, lora_rank=4, lora_targets="q,kv,o", lora_modules_to_save="embed,head"),
+            log=lambda *m: None)
+    final = tmp_path / "r" / "final"
+    base = load_pretrained(path)
+    assert s["trainable_params"] == (sum(p.numel() for p in lora_parameters(load_adapter(load_pretrained(path), final))))
+    assert s["trainable_params"] > base.embed_tokens.weight.numel() + base.lm_head.weight.numel()
+    assert json.loads((final / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert main(["merge-lora", str(path), str(final), str(tmp_path / "merged")]) == 0
+    merged = load_pretrained(tmp_path / "merged")
+    from safetensors.torch import load_file
+    ad = load_file(str(final / "adapter_model.safetensors"))
+    for ours, key in (("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")):
+        w = getattr(merged, ours).weight
+        assert torch.equal(w, ad[f"base_model.model.{key}.weight"]) and not torch.equal(w, getattr(base, ours).weight)
+    prompt = tok.render_chat([{"role": "user", "content": "What is 1 + 2?"}], thinking=True)
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    got = LLM(str(path), adapter=str(final), max_num_seqs=1, max_model_len=64).generate([prompt], sp)[0]
+    want = LLM(str(tmp_path / "merged"), max_num_seqs=1, max_model_len=64).generate([prompt], sp)[0]
+    assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("save", [None, ["embed_tokens", "lm_head"]])
+def test_an_adapter_peft_trained_loads_into_ours(tmp_path, save):
     """The other direction: an attention adapter made and saved by peft on transformers' model gives
-    the same logits on our model after load_adapter."""
+    the same logits on our model after load_adapter (also with the embedding and head in
+    modules_to_save, peft's copies moved as training would)."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -298,11 +390,16 @@ def test_an_adapter_peft_trained_loads_into_ours(tmp_path):
     hf = build_hf(d, 0)
     hf.save_pretrained(tmp_path / "base")
     cfg = peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,  # random B: not a no-op
-                          target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+                          target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+                          modules_to_save=save)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(hf, cfg).eval()
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if ".modules_to_save." in n:
+                    p.add_(0.05 * torch.randn_like(p))
         pm.save_pretrained(tmp_path / "ad")
     x = input_ids(d["vocab_size"])
     ours = load_adapter(dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval(), tmp_path / "ad")

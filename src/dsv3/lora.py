@@ -27,6 +27,16 @@ Saved adapters use PEFT's layout (:func:`save_adapter`): ``adapter_config.json``
 converts the per-expert pairs onto transformers v5's fused experts itself). :func:`merge_lora` folds
 the adapters into plain weights (``W + scale * B A``) and puts the original module classes back.
 
+``modules_to_save`` (PEFT's option of that name) additionally trains whole modules outside the
+low-rank scheme: ``embed`` (``embed_tokens``) and ``head`` (``lm_head``), the rows a chat template's
+new special tokens live in, which a low-rank update of the attention and experts cannot give
+meaning to. They are trained in place (their ``weight`` simply stays trainable) and saved whole in
+the adapter under PEFT's names, ``base_model.model.model.embed_tokens.weight`` /
+``base_model.model.lm_head.weight``, with ``"modules_to_save": ["embed_tokens", "lm_head"]`` in
+``adapter_config.json``; PEFT (``ModulesToSaveWrapper.adapter_state_dict_load_map``) maps those
+keys onto its ``...modules_to_save.default.weight`` copies when loading. The main layers' MTP
+modules share this embedding and head, so they see the trained ones too.
+
 The absorbed MLA path reads ``kv_b_proj.weight`` directly, not through the module's forward, so a
 ``kv`` adapter only acts in the naive path (the one training runs); merge before decoding with the
 absorbed path (``dsv3.LLM(base, adapter=...)`` does).
@@ -66,6 +76,9 @@ EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"      # PEFT's file names (peft.utils.constants)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."           # PeftModel -> LoraModel -> the transformers model
+# modules_to_save: our short name -> the attribute of our Transformer (= the transformers leaf name)
+SAVE_MODULES = {"embed": "embed_tokens", "head": "lm_head"}
+SAVED_ATTR = "lora_modules_to_save"          # on the model: the SAVE_MODULES names trained whole
 
 
 class LoRAError(ValueError):
@@ -292,6 +305,23 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in names)
 
 
+def parse_modules_to_save(names: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"embed,head"`` (or a sequence, or ``""`` / ``None`` for none) -> validated names of
+    :data:`SAVE_MODULES`, in its order."""
+    if names is None:
+        return ()
+    names = [t.strip() for t in (names.split(",") if isinstance(names, str) else names) if t.strip()]
+    bad = sorted(set(names) - set(SAVE_MODULES))
+    if bad:
+        raise LoRAError(f"unknown LoRA modules to save {', '.join(bad)}; choose from {', '.join(SAVE_MODULES)}")
+    return tuple(t for t in SAVE_MODULES if t in names)
+
+
+def saved_modules(model: nn.Module) -> tuple[str, ...]:
+    """The :data:`SAVE_MODULES` names ``model``'s LoRA run trains whole (``()`` for none)."""
+    return tuple(getattr(model, SAVED_ATTR, ()))
+
+
 def lora_targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every module of the main layers that ``targets`` select (MTP excluded)."""
     targets = parse_targets(targets)
@@ -311,18 +341,25 @@ def lora_targets(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: str | Iterable[str] = DEFAULT_TARGETS,
-               base_dtype: str = "fp32", dropout: float = 0.0) -> list[str]:
+               base_dtype: str = "fp32", dropout: float = 0.0,
+               modules_to_save: str | Iterable[str] | None = None) -> list[str]:
     """Replace the targeted modules of ``model`` by LoRA layers and freeze everything else.
 
     rank: ``r``; alpha: scale numerator (default ``2 r``; the update is scaled by ``alpha / r``);
     targets: names from :data:`TARGETS` (a comma-separated string or a sequence); base_dtype: how the
     frozen base weights of the replaced modules are stored (``fp32``: as they are, by reference;
-    ``bf16``; ``int8`` per output channel); dropout: on the adapter's input. Returns the replaced names.
+    ``bf16``; ``int8`` per output channel); dropout: on the adapter's input; modules_to_save: names
+    from :data:`SAVE_MODULES` (``"embed,head"``) whose whole weight stays trainable and is saved in the
+    adapter. Returns the replaced names.
     The adapters are created on the base weights' device, their values drawn from torch's global RNG.
     """
     alpha = 2.0 * rank if alpha is None else alpha
     _check_rank_alpha(rank, alpha)
     _check_base_dtype(base_dtype)
+    save = parse_modules_to_save(modules_to_save)
+    if save and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # one tensor for both: PEFT would copy it into two wrappers that then diverge
+        raise LoRAError("LoRA modules to save (embed, head) on a model with tied embeddings are not supported")
     if any(isinstance(m, LORA_MODULES) for m in model.modules()):
         raise LoRAError("the model already has LoRA layers (merge or reload it first)")
     found = lora_targets(model, targets)
@@ -338,6 +375,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets:
         else:
             raise LoRAError(f"{name}: a {type(module).__name__}, not a Linear or routed experts (already replaced?)")
         replace_module(model, name, new)
+    for s in save:
+        getattr(model, SAVE_MODULES[s]).weight.requires_grad_(True)
+    setattr(model, SAVED_ATTR, save)
     return [n for n, _ in found]
 
 
@@ -347,8 +387,10 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapters' trainable Parameters (what an optimizer of a LoRA run gets)."""
-    return [p for _, m in lora_modules(model) for n, p in m.named_parameters(recurse=False) if "lora_" in n]
+    """The adapters' trainable Parameters (what an optimizer of a LoRA run gets): the low-rank pairs,
+    then the weights of the modules saved whole (:func:`saved_modules`)."""
+    pairs = [p for _, m in lora_modules(model) for n, p in m.named_parameters(recurse=False) if "lora_" in n]
+    return pairs + [getattr(model, SAVE_MODULES[s]).weight for s in saved_modules(model)]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -358,6 +400,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         replace_module(model, name, module.merged())
     for p in model.parameters():
         p.requires_grad_(True)
+    if hasattr(model, SAVED_ATTR):   # the saved modules were trained in place: nothing to fold
+        delattr(model, SAVED_ATTR)
     return model
 
 
@@ -376,7 +420,10 @@ def _hf_module(model: nn.Module, param_name: str, shape: tuple[int, ...]) -> lis
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters in PEFT's names: ``base_model.model.<checkpoint module>.lora_A.weight`` ``[r, in]``
     and ``.lora_B.weight`` ``[out, r]``, one pair per Linear of the HF checkpoint (routed experts: per
-    expert, ``...mlp.experts.N.gate_proj``). The tensors are detached views of the live Parameters."""
+    expert, ``...mlp.experts.N.gate_proj``), then the modules saved whole under their checkpoint names
+    (``base_model.model.model.embed_tokens.weight``, ``base_model.model.lm_head.weight``: PEFT's saved
+    form, without its ``modules_to_save.default`` infix). The tensors are detached views of the live
+    Parameters."""
     out: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model):
         if isinstance(m, LoRALinear):
@@ -389,6 +436,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 for e, hf in enumerate(_hf_module(model, f"{name}.{p}", (m.n_experts,))):
                     out[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = a[e]
                     out[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = b[e]
+    for s in saved_modules(model):
+        w = getattr(model, SAVE_MODULES[s]).weight
+        out[f"{PEFT_PREFIX}{_hf_module(model, SAVE_MODULES[s] + '.weight', tuple(w.shape))[0]}.weight"] = w.detach()
     return out
 
 
@@ -400,7 +450,8 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
     dense layers' ``gate_proj``). The shared experts go in ``target_parameters`` (their weights, by
     full name) instead: PEFT on transformers v5 re-routes every ``gate_proj`` / ``up_proj`` /
     ``down_proj`` *module* target to the fused routed experts, and would drop them. Both forms read
-    the same ``...lora_A.weight`` / ``lora_B.weight`` keys. The other fields are PEFT's defaults.
+    the same ``...lora_A.weight`` / ``lora_B.weight`` keys. ``modules_to_save`` lists the transformers
+    leaf names of the modules saved whole. The other fields are PEFT's defaults.
     """
     mods = lora_modules(model)
     if not mods:
@@ -408,7 +459,9 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
     first = mods[0][1]
     if any(m.rank != first.rank or m.alpha != first.alpha for _, m in mods):
         raise LoRAError("the adapters differ in rank or alpha; PEFT's layout holds one of each")
-    hf = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in lora_state_dict(model)})
+    hf = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in lora_state_dict(model) if ".lora_" in k})
+    # PEFT matches modules_to_save entries against the end of each module name
+    to_save = [SAVE_MODULES[s] for s in saved_modules(model)] or None
     shared = [h + ".weight" for h in hf if ".shared_experts." in h]
     rest = [h for h in hf if ".shared_experts." not in h]
     regex = None
@@ -424,7 +477,7 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
         "target_modules": regex if regex is not None else [], "exclude_modules": None,
         "target_parameters": shared or None,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "init_lora_weights": True, "modules_to_save": to_save, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
 
@@ -475,8 +528,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, base_dtype: str | No
     """Load the adapter in ``path`` (PEFT layout, e.g. written by :func:`save_adapter`) into ``model``.
 
     A model without LoRA layers gets them first (:func:`apply_lora` with the adapter's rank, alpha and
-    the modules its weights name, the base stored as ``base_dtype``, default fp32); a model that
-    has them must have exactly the adapter's modules. Every tensor must find its place and shape
+    the modules its weights name, the modules saved whole its config's ``modules_to_save`` names,
+    the base stored as ``base_dtype``, default fp32); a model that has them must have exactly the
+    adapter's modules. Every tensor must find its place and shape
     (a :class:`LoRAError` names the first that doesn't). Returns ``model``.
     """
     path = Path(path)
@@ -487,7 +541,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, base_dtype: str | No
         saved = {k: f.get_tensor(k) for k in f.keys()}
     if not lora_modules(model):
         apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), _targets_from_keys(saved), base_dtype or "fp32",
-                   float(cfg.get("lora_dropout") or 0))
+                   float(cfg.get("lora_dropout") or 0), _saved_from_config(cfg, path))
     live = lora_state_dict(model)
     missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
     if missing or unexpected:
@@ -502,10 +556,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, base_dtype: str | No
     return model
 
 
+def _saved_from_config(cfg: dict, path: Path) -> tuple[str, ...]:
+    """Our :data:`SAVE_MODULES` names for an adapter config's ``modules_to_save`` (transformers leaf names)."""
+    ours = {leaf: s for s, leaf in SAVE_MODULES.items()}
+    names = cfg.get("modules_to_save") or []
+    bad = [n for n in names if n not in ours]
+    if bad:
+        raise LoRAError(f"{path}: modules_to_save {bad} not supported; dsv3 saves {', '.join(ours)}")
+    return parse_modules_to_save([ours[n] for n in names])
+
+
 def _targets_from_keys(saved: dict[str, torch.Tensor]) -> list[str]:
-    """Our target names for an adapter written elsewhere (by PEFT), from the modules its keys name."""
+    """Our target names for an adapter written elsewhere (by PEFT), from the modules its keys name
+    (the modules saved whole, keys without ``.lora_``, come from the config instead)."""
     out = set()
     for k in saved:
+        if ".lora_" not in k:
+            continue
         leaf = k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1]
         if ".mlp.experts." in k:
             out.add("experts")

@@ -84,6 +84,11 @@ class SFTConfig(LoopOptions):
     lora_base_dtype: str = knob("fp32", "how the frozen base weights of adapted layers are stored: fp32, bf16, or "
                                         "int8 per output channel (QLoRA-style)", choices=("fp32", "bf16", "int8"))
     lora_dropout: float = knob(0.0, "dropout on the adapters' input", type=fraction)
+    # default on: without them LoRA r16 never learned the chat/thinking format on the demo (the new special
+    # tokens' embedding and head rows stay as pre-training left them); benchmarks/RESULTS.md "LoRA"
+    lora_modules_to_save: str = knob("embed,head", "modules trained whole beside the adapters and saved in them "
+                                                   "(PEFT's modules_to_save), comma-separated: embed (embed_tokens), "
+                                                   "head (lm_head); '' for none", metavar="LIST")
     progress: bool = knob(True, "no live progress bar")
     device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
 
@@ -314,12 +319,13 @@ def use_lora(run: Run, model, cfg: SFTConfig, base: Path, log) -> tuple:
         raise SFTError("--fp8 and --lora-rank don't combine (FP8 training replaces the Linear layers LoRA wraps)")
     try:
         names = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base_dtype,
-                           cfg.lora_dropout)
+                           cfg.lora_dropout, cfg.lora_modules_to_save)
     except LoRAError as e:
         raise SFTError(str(e)) from None
     trainable = sum(p.numel() for p in lora_parameters(model))
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    log(f"LoRA r={cfg.lora_rank} on {len(names)} modules ({cfg.lora_targets}; base {cfg.lora_base_dtype}): "
+    log(f"LoRA r={cfg.lora_rank} on {len(names)} modules ({cfg.lora_targets}; base {cfg.lora_base_dtype}"
+        + (f"; {cfg.lora_modules_to_save} trained whole" if cfg.lora_modules_to_save else "") + "): "
         f"{trainable:,} trainable of {total:,} weights")
     if cfg.bias_update_rate:
         cfg = dataclasses.replace(cfg, bias_update_rate=0.0)
