@@ -303,6 +303,13 @@ def test_sft_lora_learns_resumes_exactly_merges_and_serves(chat_setup, tmp_path,
     # interrupted after checkpoint-2: resuming gives the same losses and the same adapter
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "final")
+    # ...written before --lora-modules-to-save existed (embedding and head frozen): resumes as that run
+    states = list((tmp_path / "b").rglob("trainer_state.json"))
+    assert states
+    for f in states:
+        st = json.loads(f.read_text())
+        del st["sft_config"]["lora_modules_to_save"]
+        f.write_text(json.dumps(st))
     sft(SFTConfig(out=str(tmp_path / "b"), progress=False), resume=True, log=lambda *m: None)
 
     def losses(d):

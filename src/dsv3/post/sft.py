@@ -41,6 +41,9 @@ class SFTConfig(LoopOptions):
     """Every knob of an SFT run; saved in each checkpoint so ``--resume`` continues the same run. The
     loop's own knobs (``fp8``, ``fp8_block``, ``compile``, ``tensorboard``) come from :class:`LoopOptions`."""
 
+    # a LoRA run checkpointed before --lora-modules-to-save existed froze the embedding and head
+    FORMER_DEFAULTS = {"lora_modules_to_save": ""}
+
     model: str = knob("runs/tiny/final", "the base model directory (HF layout with tokenizer), e.g. runs/tiny/final "
                                          "(required unless --resume)", metavar="DIR")
     data: list[str] = knob(default_factory=list, help="chat JSONL file(s) (required unless --resume)", metavar="FILE")

@@ -286,7 +286,8 @@ class Run:
         Resuming takes the config of the newest complete checkpoint (:func:`resume_point`), keeping
         this call's ``keep`` fields and ``tensorboard``, and, if given, ``steps`` as ``max_steps``; no
         checkpoint to resume is ``error``. Fields a config has renamed (its ``RENAMED_FIELDS``, old
-        name -> new) are read from a saved config under their old names. A fresh run removes the
+        name -> new) are read from a saved config under their old names; fields added later whose default
+        differs from how older runs behaved (its ``FORMER_DEFAULTS``, field -> value) take that value. A fresh run removes the
         previous run's checkpoints, so a later resume cannot pick up a stale one. Settings the loop
         cannot honour (``--tensorboard`` without the package, ``--compile`` with ``--fp8`` or under
         torchrun) are ``error`` here, before any work. ``compile_options`` go to ``compile_model``.
@@ -306,6 +307,8 @@ class Run:
             for old, new in getattr(type(cfg), "RENAMED_FIELDS", {}).items():
                 if old in saved:  # a checkpoint written before the rename
                     saved.setdefault(new, saved.pop(old))
+            for field, value in getattr(type(cfg), "FORMER_DEFAULTS", {}).items():
+                saved.setdefault(field, value)  # a checkpoint from before the field: it ran as the old default
             here = {k: getattr(cfg, k) for k in (*keep, "tensorboard")}
             if steps is not None:
                 here["max_steps"] = steps
