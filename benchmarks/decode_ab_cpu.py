@@ -16,6 +16,7 @@ Variants:
   new      kv_b_proj row-major (engine/weight_layout.py ROW_MAJOR); int8 with DECODE_OPTIONS
   nohead   as new, int8 without the int8 head
   nolatent as new, int8 without the int8 kv_b_proj (kept fp32, row-major)
+  int8act  as new, int8 layers with int8 activations too (fbgemm dynamic linear, activations="int8")
 A ``:SCHEME`` suffix quantizes that variant (``new,new:int8`` compares fp32 with int8 in one process).
 """
 
@@ -40,7 +41,8 @@ def variant(name: str):
     opts = {"old": ((), {"int8": {}, "int4": {}}),
             "new": (saved[0], saved[1]),
             "nohead": (saved[0], {**saved[1], "int8": {**saved[1]["int8"], "head": False}}),
-            "nolatent": (saved[0], {**saved[1], "int8": {**saved[1]["int8"], "latent": False}})}
+            "nolatent": (saved[0], {**saved[1], "int8": {**saved[1]["int8"], "latent": False}}),
+            "int8act": (saved[0], {**saved[1], "int8": {**saved[1]["int8"], "activations": "int8"}})}
     if name not in opts:
         raise SystemExit(f"unknown variant {name!r}; choose from {sorted(opts)}")
     weight_layout.ROW_MAJOR, options = opts[name]
