@@ -97,7 +97,10 @@ def fbgemm_available() -> bool:
 
 def pack_int8_dynamic(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
     """(q [N, K] int8, scale [N]) -> fbgemm's prepacked weight (its own copy of the codes, in its blocked
-    layout). The dequantized weight is exactly ``q * scale``."""
+    layout). The dequantized weight is exactly ``q * scale``.
+
+    torch 2.13 warns that its quantized tensor types (the qint8 tensor fbgemm packs from) are deprecated
+    (pytorch issue 184982): this path is opt-in for that reason too, and goes when they do."""
     if not fbgemm_available():
         raise RuntimeError("int8 activations need torch's fbgemm engine (x86 builds); this torch has "
                            f"{torch.backends.quantized.supported_engines}")
