@@ -59,7 +59,7 @@ def test_smoke_run_writes_one_report_and_reuses_finished_experiments(corpus, tmp
 def test_only_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "all", "--only", "nope"])
-    assert "expected experiments among" in capsys.readouterr().err
+    assert "experiments must be among" in capsys.readouterr().err
 
 
 def test_claims_say_when_a_claim_is_not_shown():

@@ -81,6 +81,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def choice_list(choices, what: str):
+    """An argparse ``type=`` for ``"a,b"`` -> ("a", "b"): one or more names, each in ``choices``
+    (read when called, so a registry may grow after the parser is built); ``what`` names them in errors."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        allowed = tuple(choices)
+        if not values or any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be among {', '.join(allowed)}; got {text!r}")
+        return values
+    return parse
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """``"0,1"`` -> (0, 1): a comma-separated list of one or more integers."""
     try:

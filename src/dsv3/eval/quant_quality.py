@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..quant.weight_only import DEFAULT_GROUP_SIZE, quantize_weight_only
+from ..quant.weight_only import DEFAULT_GROUP_SIZE, quantize_weight_only, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,6 @@ def load_at(model_dir: str | Path, p: Precision, group_size: int = DEFAULT_GROUP
     if p.quantize is not None:
         quantize_weight_only(model, p.quantize, group_size=group_size, head=p.head)
     return model.eval()
-
-
-def _weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _windows(tokens: np.ndarray, seq_len: int, max_windows: int, seed: int) -> np.ndarray:
@@ -118,7 +109,7 @@ def quality_report(model_dir: str | Path, precisions=DEFAULT_PRECISIONS, data=No
         logits = _logits(model, inputs, batch_size)
         gen = _greedy(model, greedy_prompts, gen_len)
         r = {"precision": name, "dtype": p.dtype, "quantize": p.quantize, "head_quantized": p.head,
-             "group_size": group_size if p.quantize == "int4" else None, "weight_bytes": _weight_bytes(model),
+             "group_size": group_size if p.quantize == "int4" else None, "weight_bytes": weight_bytes(model),
              "ppl": ppl["ppl"], "loss": ppl["loss"]}
         if ref_logits is None:
             ref_logits, ref_tokens, ref_ppl = logits, gen, ppl

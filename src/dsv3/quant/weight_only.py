@@ -188,7 +188,8 @@ def _is_stacked_experts(module: nn.Module) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in ts)
 
 
-def _weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen:
@@ -221,7 +222,7 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
     params = list(model.parameters())
     if params and params[0].device.type != "cpu":
         raise ValueError(f"weight-only {scheme} runs torch's CPU kernels; the model is on {params[0].device}")
-    before = _weight_bytes(model)
+    before = weight_bytes(model)
     summary: dict = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "head": head,
                      "latent": latent, "activations": activations, "linear": [], "experts": [], "int8_fallback": {}, "kept": []}
     with torch.no_grad():
@@ -247,7 +248,7 @@ def quantize_weight_only(model: nn.Module, scheme: str, group_size: int = DEFAUL
             if why:
                 summary["int8_fallback"][name] = why
             setattr(parent, child, new)
-    summary["bytes_before"], summary["bytes_after"] = before, _weight_bytes(model)
+    summary["bytes_before"], summary["bytes_after"] = before, weight_bytes(model)
     return summary
 
 

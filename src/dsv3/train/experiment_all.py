@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..knobs import knob
+from ..knobs import choice_list, knob
 from .experiments import EXPERIMENTS, get
 
 # Cheapest first: an interrupted run still has the quick results.
@@ -36,14 +36,8 @@ PAPER = {
 }
 
 
-def name_tuple(text: str) -> tuple[str, ...]:
-    """``"fp8,mtp"`` -> ("fp8", "mtp"), each a registered experiment (argparse ``type=``)."""
-    import argparse
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    bad = [n for n in names if n not in EXPERIMENTS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected experiments among {', '.join(EXPERIMENTS)}; got {text!r}")
-    return names
+# "fp8,mtp" -> ("fp8", "mtp"), each a registered experiment (argparse ``type=``)
+name_tuple = choice_list(EXPERIMENTS, "experiments")
 
 
 @dataclass

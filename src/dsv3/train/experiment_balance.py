@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..knobs import int_list, nonneg_float, positive_int
+from ..knobs import choice_list, int_list, nonneg_float, positive_int
 from .trainer import TrainConfig, train
 
 ARM_KINDS = ("aux_free", "aux_loss", "none")
@@ -52,14 +52,8 @@ def positive_float_list(text: str) -> tuple[float, ...]:
     return values
 
 
-def name_list(text: str) -> tuple[str, ...]:
-    """``"aux_free,none"`` -> ("aux_free", "none"), each one of :data:`ARM_KINDS` (argparse ``type=``)."""
-    import argparse
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in ARM_KINDS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"arms must be among {', '.join(ARM_KINDS)}; got {text!r}")
-    return values
+# "aux_free,none" -> ("aux_free", "none"), each one of ARM_KINDS (argparse ``type=``)
+name_list = choice_list(ARM_KINDS, "arms")
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from ..lora import load_adapter, save_adapter
 
@@ -28,21 +27,10 @@ class AdapterCheckpoints:
         return getattr(self.runner, name)
 
     def save(self, out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict) -> Path:
-        from ..checkpoint import write_safetensors
-        from .state import (OPTIMIZER_FILE, SAVE_ID_KEY, STEP_KEY, begin_save, commit_model, commit_state,
-                            optimizer_tensors, write_trainer_state)
-        save_id, state_tmp = begin_save(out_dir, name)
-        tensors, groups = optimizer_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        write_safetensors(tensors, state_tmp / OPTIMIZER_FILE)
-        write_trainer_state(state_tmp, trainer_state, save_id, groups)
-        commit_state(out_dir, name, save_id, state_tmp)
-
-        def write(tmp: Path) -> None:
-            save_adapter(model, tmp, base_model=self.base,
-                         metadata={SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
-            tokenizer.save(tmp)
-        return commit_model(out_dir, name, save_id, write)
+        from .state import save_training_checkpoint
+        return save_training_checkpoint(
+            out_dir, name, model, tokenizer, optimizer, trainer_state,
+            save_model=lambda m, d, metadata: save_adapter(m, d, base_model=self.base, metadata=metadata))
 
     def load(self, path: Path, model, optimizer) -> dict:
         """The adapter, optimizer and RNG state of checkpoint ``path`` into ``model`` / ``optimizer``."""

@@ -234,9 +234,13 @@ def commit_model(out_dir: Path, name: str, save_id: str, write: Callable[[Path],
     return final
 
 
-def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict) -> Path:
+def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimizer, trainer_state: dict,
+                             save_model=None) -> Path:
     """Write checkpoint ``name`` of the run in ``out_dir`` atomically; returns the model directory
-    ``out_dir/name`` (its training state goes to ``out_dir/train_state/``)."""
+    ``out_dir/name`` (its training state goes to ``out_dir/train_state/``). ``save_model(model, dir,
+    metadata)`` writes the weights (default :func:`~dsv3.checkpoint.save_pretrained`; a LoRA run
+    writes only its adapter)."""
+    save_model = save_model or (lambda m, d, metadata: save_pretrained(m, d, metadata=metadata))
     save_id, state_tmp = begin_save(out_dir, name)
 
     # 1. the training state, under its id-qualified name: no model points to it yet
@@ -248,7 +252,7 @@ def save_training_checkpoint(out_dir: Path, name: str, model, tokenizer, optimiz
 
     # 2. the model directory, carrying the same id; renaming it into place is the commit
     def write(tmp: Path) -> None:
-        save_pretrained(model, tmp, metadata={SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
+        save_model(model, tmp, {SAVE_ID_KEY: save_id, STEP_KEY: str(trainer_state.get("step", ""))})
         tokenizer.save(tmp)
     return commit_model(out_dir, name, save_id, write)
 
