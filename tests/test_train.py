@@ -223,9 +223,7 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(corpus, tmp_path)
     uninterrupted run's (constant LR, so the schedule does not depend on the step budget)."""
     common = ["--data", str(corpus), "--batch-size", "4", "--seq-len", "64", "--vocab-size", "512",
               "--warmup-steps", "0", "--decay-start", "1", "--save-every", "2", "--eval-every", "0",
-              "--no-progress", "--val-fraction", "0.1",
-              # explicit: the default gamma depends on --max-steps, which differs between the two runs
-              "--bias-update-rate", "1e-3"]
+              "--no-progress", "--val-fraction", "0.1"]
     common += ["--tokenizer-train-mb", "0.3"] + [a for k, v in SMALL_MODEL.items() for a in ("--model-set", f"{k}={v}")]
     env = dict(os.environ)
     killed = tmp_path / "killed"
@@ -269,24 +267,3 @@ def test_wide_latent_trains_kv_b_proj_at_the_scaled_rate(corpus, tmp_path):
     assert [g.get("lr_scale") for g in groups[True]] == [None, None, 0.5]
     assert len(groups[True][2]["params"]) == 2 + 1  # kv_b_proj of both layers and of the MTP module
     assert [g.get("lr_scale") for g in groups[False]] == [None, None]
-
-
-def test_default_gamma_scales_with_the_run_length():
-    from dsv3.train.balance import default_bias_update_rate
-    assert default_bias_update_rate(200) == 1e-2          # the demo: the bias can travel ~0.5 in 50 steps
-    assert default_bias_update_rate(1000) == pytest.approx(2e-3)
-    assert default_bias_update_rate(100_000) == 1e-3      # the paper's value for long runs
-    assert default_bias_update_rate(10) == 1e-2           # never above the cap (3e-2 oscillates)
-
-
-def test_default_gamma_is_resolved_once_and_saved(corpus, tmp_path, monkeypatch):
-    # resolved from the first launch's max_steps and saved: extending the run keeps the run's gamma
-    from dsv3.train import balance
-    from dsv3.train.state import read_trainer_state
-    monkeypatch.setattr(balance, "default_bias_update_rate", lambda steps: 1e-2 if steps == 4 else 5e-3)
-    out = tmp_path / "run"
-    train(tiny_run(corpus, out, max_steps=4, save_every=4, eval_every=0, sample_tokens=0), log=lambda *a: None)
-    assert read_trainer_state(out / "final")["train_config"]["bias_update_rate"] == 1e-2
-    summary = train(TrainConfig(out=str(out), progress=False), resume=True, max_steps=6, log=lambda *a: None)
-    assert summary["steps"] == 6
-    assert read_trainer_state(out / "final")["train_config"]["bias_update_rate"] == 1e-2

@@ -31,22 +31,6 @@ def update_bias(router: Router, counts: torch.Tensor, gamma: float) -> None:
     router.e_score_correction_bias.add_(gamma * torch.sign(c.mean() - c))
 
 
-# The paper's gamma (V3 §4.2: 0.001 for the first 14.3T tokens) and the cap for short runs.
-PAPER_GAMMA, SHORT_RUN_GAMMA = 1e-3, 1e-2
-
-
-def default_bias_update_rate(max_steps: int) -> float:
-    """gamma for a run that doesn't set one: ``2 / max_steps`` clamped to [1e-3, 1e-2].
-
-    Each update moves a bias by at most gamma, and the experts of a freshly initialised router differ
-    in mean score by ~0.3-0.7 after their first steps (measured on the tiny preset, issue 17), so the
-    bias must be able to travel ~0.5 within the first quarter of the run: gamma >= 2 / max_steps. A
-    long run gets the paper's 1e-3; the 200-step demo gets 1e-2 (MaxVio_global 0.53 instead of 1.20
-    at 1e-3); above 1e-2 the bias oscillates (gamma 3e-2 in `dsv3 experiment balance --gamma-sweep`).
-    """
-    return min(SHORT_RUN_GAMMA, max(PAPER_GAMMA, 2.0 / max_steps))
-
-
 def max_violation(counts: torch.Tensor) -> torch.Tensor:
     """counts [..., E] -> MaxVio [...]: how far the busiest expert is above a perfectly even load."""
     c = counts.float()

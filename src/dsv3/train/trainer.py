@@ -80,9 +80,7 @@ class TrainConfig(LoopOptions):
     eval_batches: int = knob(4, "validation batches", type=positive_int)
     keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep (older ones are deleted)",
                                  type=positive_int)
-    bias_update_rate: float | None = knob(None, "gamma of aux-loss-free balancing (0 switches it off; default: "
-                                                "2 / max-steps within [1e-3, 1e-2], the paper's 1e-3 for long "
-                                                "runs: train/balance.py)", type=nonneg_float)
+    bias_update_rate: float = knob(1e-3, "gamma of aux-loss-free balancing (0 switches it off)", type=nonneg_float)
     seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
                                 type=nonneg_float)
     aux_loss_alpha: float = knob(0.0, "alpha of the classic (DeepSeek-V2) batch-wise auxiliary balance loss "
@@ -311,14 +309,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     if cfg.extend_context is not None or extend_from is not None:
         cfg, stage = extension_stage(cfg, extend_from, resume, max_steps, runner.world_size)
         max_steps = None  # already the stage's budget
-    if cfg.bias_update_rate is None and not resume:  # resolved once, so the run's saved config holds it
-        cfg = dataclasses.replace(cfg, bias_update_rate=balance.default_bias_update_rate(cfg.max_steps))
     run = Run.open(cfg, runner, resume=resume, steps=max_steps, state_key="train_config",
                    keep=("progress", "device", "out", "ep", "pp", "pp_schedule", "microbatches"), error=TrainError,
                    log=log, what="run")
     cfg, ckpt, log, out_dir = run.cfg, run.ckpt, run.log, run.out_dir
-    if cfg.bias_update_rate is None:  # --resume of a directory that had no checkpoint yet: a fresh run
-        cfg = run.cfg = dataclasses.replace(cfg, bias_update_rate=balance.default_bias_update_rate(cfg.max_steps))
     if pipeline:
         runner.configure(cfg)  # the run's batch and loss settings, for the stages run.prepare builds
     ramp = None
