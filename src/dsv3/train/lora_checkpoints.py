@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..lora import load_adapter, save_adapter
 
 
