@@ -53,6 +53,8 @@ def test_smoke_run_writes_one_report_and_reuses_finished_experiments(corpus, tmp
     s2 = json.loads((out / "summary.json").read_text())
     assert list(s2["experiments"]) == ["router", "mtp"]
     assert all(d["reused"] for d in s2["experiments"].values())
+    # ... and keeps the wall times the first run measured
+    assert [d["wall_s"] for d in s2["experiments"].values()] == [s["experiments"][n]["wall_s"] for n in ("router", "mtp")]
     assert "reusing" in capsys.readouterr().out
 
 

@@ -84,6 +84,10 @@ def run_all(out, cfg: AllExperimentsConfig | None = None, train: dict | None = N
     names = [n for n in ORDER if n in EXPERIMENTS and (not cfg.only or n in cfg.only)]
     names += [n for n in EXPERIMENTS if n not in ORDER and (not cfg.only or n in cfg.only)]
     done: dict[str, dict] = {}
+    # a reused experiment keeps the wall time an earlier `all` measured for it
+    previous = {}
+    if (out / "summary.json").exists():
+        previous = json.loads((out / "summary.json").read_text()).get("experiments", {})
     t_all = time.perf_counter()
     for name in names:
         e = get(name)
@@ -94,7 +98,8 @@ def run_all(out, cfg: AllExperimentsConfig | None = None, train: dict | None = N
         summary_file = run_dir / e.outputs(exp)[0]
         if summary_file.exists() and not cfg.force:
             log(f"== {name}: reusing {summary_file}")
-            done[name] = {"summary": json.loads(summary_file.read_text()), "wall_s": None, "reused": True,
+            done[name] = {"summary": json.loads(summary_file.read_text()),
+                          "wall_s": previous.get(name, {}).get("wall_s"), "reused": True,
                           "dir": str(run_dir), "outputs": list(e.outputs(exp))}
             continue
         log(f"== {name}")
@@ -179,7 +184,8 @@ def format_report(result: dict, out: Path) -> str:
         lines.append(f"| {r['experiment']} | {r['claim']} | {r['paper']} | {r['ours']} | {shown} |")
     for name, d in result["experiments"].items():
         e = get(name)
-        wall = "reused" if d["reused"] else f"{d['wall_s'] / 60:.1f} min"
+        wall = f"{d['wall_s'] / 60:.1f} min" if d["wall_s"] is not None else "reused"
+        wall += ", reused" if d["reused"] and d["wall_s"] is not None else ""
         lines += ["", f"## {name} ({wall}; `dsv3 experiment {name}`, files in `{name}/`)", "",
                   e.format(d["summary"])]
         for f in d["outputs"]:
