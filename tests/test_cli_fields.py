@@ -39,7 +39,8 @@ ARMS = {name: None for name in ARM_FIELDS}
 # (command, dataclass, the arguments a parse needs besides the knob, build the config from the namespace,
 #  fields given another flag than their own: name -> (argv, expected value), or None: no flag here)
 # TrainConfig knobs whose values have a syntax of their own: a valid value each
-TRAIN_VALUES = {"batch_ramp": (["--batch-ramp", "2:1000"], "2:1000")}
+TRAIN_VALUES = {"batch_ramp": (["--batch-ramp", "2:1000"], "2:1000"),
+                "bias_update_schedule": (["--bias-update-schedule", "0.02:10,0.005:30"], "0.02:10,0.005:30")}
 
 COMMANDS = [
     (["train"], TrainConfig, [], build_train,

@@ -27,6 +27,7 @@ from ..knobs import fraction, knob, nonneg_float, positive_int
 from ..model import Transformer
 from . import balance
 from .batch_ramp import BatchRamp, batch_ramp_spec
+from .bias_schedule import BiasSchedule, bias_schedule_spec
 from .loop import LoopOptions, Run, optimizer_update, runner_from_env
 from .latent_scaling import latent_projections, latent_scale, scale_latent_init
 from .context import ContextStage, plan_stage
@@ -80,7 +81,13 @@ class TrainConfig(LoopOptions):
     eval_batches: int = knob(4, "validation batches", type=positive_int)
     keep_checkpoints: int = knob(2, "how many checkpoint-STEP dirs to keep (older ones are deleted)",
                                  type=positive_int)
-    bias_update_rate: float = knob(1e-3, "gamma of aux-loss-free balancing (0 switches it off)", type=nonneg_float)
+    bias_update_rate: float = knob(1e-3, "gamma of aux-loss-free balancing (0 switches it off; with "
+                                         "--bias-update-schedule: the rate after its last step)", type=nonneg_float)
+    bias_update_schedule: str | None = knob(None, "gamma per step GAMMA:UNTIL[,GAMMA:UNTIL...]: GAMMA for the steps "
+                                                  "up to UNTIL (1-based), then --bias-update-rate; e.g. 0.01:50 "
+                                                  "(V3 used 0.001, then 0 for the last 500B tokens; "
+                                                  "train/bias_schedule.py; default: none, --bias-update-rate at "
+                                                  "every step)", type=bias_schedule_spec, metavar="GAMMA:UNTIL,...")
     seq_aux_alpha: float = knob(1e-4, "alpha of the complementary sequence-wise balance loss (0: off)",
                                 type=nonneg_float)
     aux_loss_alpha: float = knob(0.0, "alpha of the classic (DeepSeek-V2) batch-wise auxiliary balance loss "
@@ -257,8 +264,8 @@ LAUNCH_FIELDS = ("progress", "device", "ep", "pp", "pp_schedule", "microbatches"
 # Settings a context-extension stage takes from the command line when they differ from their defaults
 # (the rest come from the run being extended, or from the stage's plan: seq_len, rope, warmup, ...).
 STAGE_TUNABLE = ("batch_size", "lr", "grad_accum", "weight_decay", "grad_clip", "save_every", "eval_every",
-                 "eval_batches", "keep_checkpoints", "bias_update_rate", "seq_aux_alpha", "aux_loss_alpha",
-                 "mtp_weight", "max_nonfinite", "sample_tokens", "fused_ce", "compile")
+                 "eval_batches", "keep_checkpoints", "bias_update_rate", "bias_update_schedule", "seq_aux_alpha",
+                 "aux_loss_alpha", "mtp_weight", "max_nonfinite", "sample_tokens", "fused_ce", "compile")
 
 
 def extension_stage(cfg: TrainConfig, source: str | Path | None, resume: bool, steps: int | None,
@@ -322,6 +329,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
                                                          cfg.max_steps, runner.world_size)
         except ValueError as e:
             raise TrainError(f"--batch-ramp: {e}") from None
+    try:  # gamma per step, fixed by the step alone: a resume applies the same rates
+        bias_schedule = BiasSchedule.parse(cfg.bias_update_schedule) if cfg.bias_update_schedule else None
+    except ValueError as e:
+        raise TrainError(f"--bias-update-schedule: {e}") from None
     if stage is not None:
         log(f"context extension stage {stage.record['stage']}: {stage.source} (step {stage.record['source_step']}) "
             f"{stage.record['from_seq_len']} -> {cfg.seq_len} tokens, YaRN factor {stage.record['factor']:g} over "
@@ -370,8 +381,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
         if ramp is not None:  # this step's global batch; each rank takes its equal slice
             batches.batch_size = ramp[i] // runner.world_size
             step_tokens = ramp[i] * cfg.seq_len * cfg.grad_accum
+        gamma = cfg.bias_update_rate if bias_schedule is None else bias_schedule.rate(i + 1, cfg.bias_update_rate)
         rec, finite = optimizer_update(runner, model, optimizer, schedule(i), micro_batches(), cfg.grad_clip,
-                                       routers, cfg.bias_update_rate, sums=dict.fromkeys(LOGGED_LOSSES, 0.0))
+                                       routers, gamma, sums=dict.fromkeys(LOGGED_LOSSES, 0.0))
+        if bias_schedule is not None:
+            rec["bias_update_rate"] = gamma
         rec["tokens_per_s"] = step_tokens / (time.perf_counter() - t0)
         if ramp is not None:
             rec["batch_size"] = ramp[i]
