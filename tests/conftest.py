@@ -1,11 +1,19 @@
 """Shared test helpers: a tiny random-test config with every V3 feature switched on, weights far
-from near-tied logits, a tiny chat checkpoint with its own tokenizer, and a one-thread fixture.
+from near-tied logits, a tiny chat checkpoint with its own tokenizer, a corpus of stdlib sources for
+the training tests, a gloo process group for spawned ranks, an FP8 dequantization reference, and a
+one-thread fixture.
 
 Import them as ``from conftest import tiny_config, far_from_ties_, chat_checkpoint`` or ask for the
 ``tiny_config`` fixture (a factory) or the ``one_thread`` fixture.
 """
 
 from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +86,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def source_corpus(d: Path, modules: tuple[str, ...], chunk: int = 4000, max_chars: int | None = None) -> Path:
+    """Write the Python source of each stdlib module in ``modules`` to ``d`` as text files of ``chunk``
+    characters (``NAME_OFFSET.txt``; only the first ``max_chars`` of each module when given): real text
+    that trains a tokenizer and a tiny model in seconds, in many documents so the val split isn't empty.
+    The files and their names decide the data order, so a test's losses depend on these arguments."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in modules:
+        src = inspect.getsource(importlib.import_module(name))
+        for j in range(0, len(src) if max_chars is None else min(len(src), max_chars), chunk):
+            (d / f"{name}_{j}.txt").write_text(src[j:j + chunk])
+    return d
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, tmp):
+    """The body of a spawned test rank: a gloo process group met through a file under ``tmp`` (no port
+    to pick, and race for, on a shared CI machine), one torch thread (ranks share the test's cores),
+    the traceback printed before a failure propagates (``mp.spawn`` reports only the exception's type
+    otherwise), and the group always torn down."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        yield
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def blockwise_dequant64(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Independent FP8 dequantization reference: an explicit loop over ``block``-sized tiles of ``q``
+    times their scale in ``s``, in float64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            sl = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+            out[sl] = q[sl].double() * s[i, j].double()
+    return out

@@ -2,12 +2,12 @@
 them (data consumed = sum of the sizes), and a resume in the middle of the ramp equal to the
 uninterrupted run bit for bit."""
 
-import inspect
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import gloo_group, source_corpus
 
 from dsv3.train.batch_ramp import BatchRamp, batch_ramp_spec
 from dsv3.train.state import read_trainer_state
@@ -66,15 +66,7 @@ def test_sizes_properties():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    import argparse
-    import collections
-    import textwrap
-    d = tmp_path_factory.mktemp("corpus")
-    for mod in (argparse, collections, json, textwrap, inspect):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 4000):
-            (d / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 4000])
-    return d
+    return source_corpus(tmp_path_factory.mktemp("corpus"), ("argparse", "collections", "json", "textwrap", "inspect"))
 
 
 def ramp_run(corpus: Path, out: Path, **over) -> TrainConfig:
@@ -127,20 +119,9 @@ def test_bad_ramp_is_a_train_error(corpus, tmp_path):
 
 
 def _ramp_worker(rank: int, corpus: str, tmp: str) -> None:
-    import traceback
-
-    import torch
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, tmp):
         train(ramp_run(Path(corpus), Path(tmp) / "two", max_steps=6, batch_ramp="2:256:2", save_every=0,
                        cache_dir=str(Path(tmp) / "single")), log=lambda *a: None)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ramp_at_two_ranks_equals_one_process(corpus, tmp_path, one_thread):

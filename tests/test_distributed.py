@@ -21,17 +21,15 @@ The parent then resumes the 2-rank EP run's checkpoint in one process: same next
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import shutil
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import gloo_group, source_corpus, tiny_config
 from dsv3.model.moe import RoutedExperts, Router
 from dsv3.train.parallel.expert_parallel import max_ranks_per_token, ranks_per_token
 from dsv3.train.parallel.parallelize import check_ep
@@ -206,10 +204,7 @@ def _train_recording_biases(cfg: TrainConfig, resume: bool = False) -> list[torc
 
 def _worker(rank: int, cache: str, tmp: str) -> None:
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    # a file rendezvous: no port to pick (and race for) on a shared CI machine
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, tmp):
         _check_expert_parallel(rank)
         _check_mixed_precision_path(rank)
         cache_p, tmp_p = Path(cache), Path(tmp)
@@ -227,25 +222,14 @@ def _worker(rank: int, cache: str, tmp: str) -> None:
         sft(sft_config(tmp_p, "sft2"), log=lambda *a: None)
         from dsv3.post.grpo import grpo
         grpo(grpo_config(tmp_p, "grpo2"), log=lambda *a: None)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """A small real-text corpus with its tokenizer and token shards built once."""
-    import argparse
-    import textwrap
     d = tmp_path_factory.mktemp("dist_cache")
-    (d / "corpus").mkdir()
-    for mod in (argparse, textwrap, inspect, dataclasses, json):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 3000):
-            (d / "corpus" / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 3000])
+    source_corpus(d / "corpus", ("argparse", "textwrap", "inspect", "dataclasses", "json"), chunk=3000)
     prepare_data(run_config(d, d / "unused"), d)
     return d
 

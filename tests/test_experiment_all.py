@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import source_corpus
 
 from dsv3.cli import main
 from dsv3.train.experiment_all import ORDER, claims
@@ -11,15 +12,7 @@ from dsv3.train.experiments import EXPERIMENTS
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import inspect
-    import json as json_mod
-    import statistics
-    d = tmp_path_factory.mktemp("corpus")
-    for i, mod in enumerate((json_mod, statistics, inspect)):
-        src = inspect.getsource(mod)
-        for j in range(0, min(len(src), 40_000), 4000):
-            (d / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 4000])
-    return d
+    return source_corpus(tmp_path_factory.mktemp("corpus"), ("json", "statistics", "inspect"), max_chars=40_000)
 
 
 def test_every_registered_experiment_is_in_the_report_order():

@@ -1,13 +1,13 @@
 """``dsv3 experiment balance``: every flag reaches the arms it names, the statistics over seeds, the
 summary.json structure on a real 2-step smoke run (issue 17)."""
 
-import inspect
 import json
 import math
 import statistics
 from pathlib import Path
 
 import pytest
+from conftest import source_corpus
 
 from dsv3.cli import main
 from dsv3.train import experiment_balance as EB
@@ -140,15 +140,8 @@ def test_config_fields_have_help():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    import argparse
-    import collections
-    import textwrap
-    d = tmp_path_factory.mktemp("corpus")
-    for mod in (argparse, collections, textwrap, inspect, json, statistics):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 4000):
-            (d / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 4000])
-    return d
+    return source_corpus(tmp_path_factory.mktemp("corpus"),
+                         ("argparse", "collections", "textwrap", "inspect", "json", "statistics"))
 
 
 def test_smoke_run_summary_structure(corpus, tmp_path):

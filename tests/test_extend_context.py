@@ -3,13 +3,13 @@
 untouched, its exported config read by transformers with logits equal to ours past the original length,
 stage 2 keeping the original length, resuming a stage, and the errors."""
 
-import inspect
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import source_corpus
 
 import dsv3
 from dsv3.train.context import EXTEND_STEPS_FRACTION, V3_YARN_PARAMS, plan_stage
@@ -26,14 +26,8 @@ QUIET = dict(log=lambda *a: None)
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, one_thread) -> Path:
     """A finished run at 32 tokens (20 steps, LR 1e-2 decaying to 1e-3)."""
-    import argparse
-    import collections
-    import textwrap
-    corpus = tmp_path_factory.mktemp("corpus")
-    for mod in (argparse, collections, json, textwrap, inspect):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 4000):
-            (corpus / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 4000])
+    corpus = source_corpus(tmp_path_factory.mktemp("corpus"),
+                           ("argparse", "collections", "json", "textwrap", "inspect"))
     out = tmp_path_factory.mktemp("runs") / "base"
     train(TrainConfig(data=[str(corpus)], out=str(out), max_steps=20, batch_size=8, seq_len=32, lr=1e-2,
                       min_lr_ratio=0.1, warmup_steps=2, save_every=0, eval_every=0, eval_batches=1, vocab_size=400,

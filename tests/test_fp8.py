@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import blockwise_dequant64
 from safetensors import safe_open
 
 import dsv3
@@ -49,16 +50,6 @@ def test_zero_block_and_bad_scale_shape():
         fp8.dequantize_blockwise(q, torch.ones(1, 1))
 
 
-def _official_dequant(q: torch.Tensor, s: torch.Tensor, block) -> torch.Tensor:
-    """Independent reference: an explicit loop over blocks, in float64."""
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            sl = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
-            out[sl] = q[sl].double() * s[i, j].double()
-    return out
-
-
 @pytest.mark.parametrize("block", [(128, 128), (16, 16)])
 def test_fp8_checkpoint_official_layout_round_trip(tmp_path, block):
     cfg = dsv3.ModelConfig.from_hf(dict(
@@ -90,7 +81,7 @@ def test_fp8_checkpoint_official_layout_round_trip(tmp_path, block):
             assert t.dtype == torch.float8_e4m3fn, name
             scale = f.get_tensor(name + "_scale_inv")
             assert tuple(scale.shape) == fp8.scale_shape(tuple(t.shape), block), name
-            ref = _official_dequant(t, scale, block).float()
+            ref = blockwise_dequant64(t, scale, block).float()
             # find our tensor for this checkpoint name
             parts = name.split(".")
             layer = int(parts[2])

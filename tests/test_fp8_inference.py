@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import blockwise_dequant64, tiny_config
 from safetensors import safe_open
 
 import dsv3
@@ -105,15 +105,6 @@ def test_keep_fp8_on_a_high_precision_checkpoint_quantizes_it(tmp_path):
     assert m.config.quantization_config["weight_block_size"] == [128, 128]
 
 
-def _dequant64(q, s, block):
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for i in range(s.shape[0]):
-        for j in range(s.shape[1]):
-            sl = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
-            out[sl] = q[sl].double() * s[i, j].double()
-    return out
-
-
 @pytest.mark.parametrize("scale_fmt", ["none", "ue8m0"])
 def test_convert_to_fp8_and_back_official_layout(tmp_path, capsys, scale_fmt):
     torch.manual_seed(0)
@@ -149,7 +140,7 @@ def test_convert_to_fp8_and_back_official_layout(tmp_path, capsys, scale_fmt):
                 assert tuple(s.shape) == fp8.scale_shape(tuple(t.shape), (16, 16))   # partial edges included
                 if scale_fmt == "ue8m0":
                     assert torch.equal(torch.exp2(torch.log2(s).round()), s)
-                w = _dequant64(t, s, (16, 16))
+                w = blockwise_dequant64(t, s, (16, 16))
                 if name == "model.layers.1.self_attn.q_b_proj.weight":
                     err = (w - orig["layers.1.self_attn.q_b_proj.weight"].double()).abs()
                     assert (err <= orig["layers.1.self_attn.q_b_proj.weight"].double().abs() / 16 + 1e-4).all()

@@ -2,7 +2,6 @@
 AdamW with bf16 moments vs torch.optim.AdamW, and `dsv3 train --fp8` end to end with exact resume."""
 
 import copy
-import inspect
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import source_corpus, tiny_config
 from safetensors.torch import load_file
 
 import dsv3
@@ -130,15 +129,7 @@ def test_adamw_bf16_moments_vs_torch_adamw():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    import argparse
-    import collections
-    import textwrap
-    d = tmp_path_factory.mktemp("corpus")
-    for mod in (argparse, collections, textwrap, inspect):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 4000):
-            (d / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 4000])
-    return d
+    return source_corpus(tmp_path_factory.mktemp("corpus"), ("argparse", "collections", "textwrap", "inspect"))
 
 
 def test_train_fp8_runs_saves_bf16_moments_and_resumes_exactly(corpus, tmp_path):

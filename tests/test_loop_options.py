@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import source_corpus
 from post_fixtures import tiny_chat_model
 
 from dsv3.post.grpo import GRPOConfig, GRPOError, grpo
@@ -111,14 +112,8 @@ def test_tensorboard_events_hold_the_metrics_also_after_a_resume(setup, tmp_path
 
 def test_pretraining_writes_tensorboard_with_per_layer_stats(tmp_path, one_thread):
     pytest.importorskip("tensorboard")
-    import inspect
-    import textwrap
     from dsv3.train.trainer import TrainConfig, train
-    (tmp_path / "corpus").mkdir()
-    for mod in (textwrap, inspect):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 3000):
-            (tmp_path / "corpus" / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 3000])
+    source_corpus(tmp_path / "corpus", ("textwrap", "inspect"), chunk=3000)
     model = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
                  num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                  qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,

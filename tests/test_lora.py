@@ -240,22 +240,28 @@ def test_bad_settings_are_refused():
         apply_lora(model, 2)
 
 
-@pytest.mark.parametrize("targets,save", [("q,kv,o", ""), ("shared", ""), (ALL, ""), ("q,kv,o", "embed,head")])
-def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, targets, save):
-    """Our adapter on our model == peft's PeftModel.from_pretrained(transformers model, adapter);
-    with modules_to_save, peft's copies of the embedding and head get our trained weights."""
+def peft_and_hf_base(base: Path):
+    """peft (the test is skipped without it or transformers), transformers' DeepSeek-V3 of test_parity_hf
+    at random weights saved in ``base`` (the adapters' base), and an input batch for it."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     sys.path.insert(0, str(Path(__file__).parent))
     from test_parity_hf import build_hf, hf_config_dict, input_ids
     d = hf_config_dict()
     hf = build_hf(d, 0)
-    hf.save_pretrained(tmp_path / "base")
+    hf.save_pretrained(base)
+    return peft, hf, input_ids(d["vocab_size"])
+
+
+@pytest.mark.parametrize("targets,save", [("q,kv,o", ""), ("shared", ""), (ALL, ""), ("q,kv,o", "embed,head")])
+def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path, targets, save):
+    """Our adapter on our model == peft's PeftModel.from_pretrained(transformers model, adapter);
+    with modules_to_save, peft's copies of the embedding and head get our trained weights."""
+    peft, hf, x = peft_and_hf_base(tmp_path / "base")
     ours = dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     apply_lora(ours, 4, alpha=8.0, targets=targets, modules_to_save=save)
     randomize_b_(ours)
     save_adapter(ours, tmp_path / "ad", base_model=str(tmp_path / "base"))
-    x = input_ids(d["vocab_size"])
     with torch.no_grad():
         base_logits = hf(x).logits
         ours_logits = ours(x)
@@ -389,13 +395,7 @@ def test_an_adapter_peft_trained_loads_into_ours(tmp_path, save):
     """The other direction: an attention adapter made and saved by peft on transformers' model gives
     the same logits on our model after load_adapter (also with the embedding and head in
     modules_to_save, peft's copies moved as training would)."""
-    pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_parity_hf import build_hf, hf_config_dict, input_ids
-    d = hf_config_dict()
-    hf = build_hf(d, 0)
-    hf.save_pretrained(tmp_path / "base")
+    peft, hf, x = peft_and_hf_base(tmp_path / "base")
     cfg = peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,  # random B: not a no-op
                           target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
                           modules_to_save=save)
@@ -408,7 +408,6 @@ def test_an_adapter_peft_trained_loads_into_ours(tmp_path, save):
                 if ".modules_to_save." in n:
                     p.add_(0.05 * torch.randn_like(p))
         pm.save_pretrained(tmp_path / "ad")
-    x = input_ids(d["vocab_size"])
     ours = load_adapter(dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval(), tmp_path / "ad")
     plain = dsv3.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     with torch.no_grad():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import source_corpus
 
 from dsv3.train.loop import SingleProcess, optimizer_update
 from dsv3.train.parallel.training import ParallelTraining
@@ -48,14 +49,7 @@ def test_optimizer_update_skips_a_non_finite_step():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import argparse
-    import textwrap
-    d = tmp_path_factory.mktemp("corpus")
-    for mod in (argparse, textwrap, inspect, json):
-        src = inspect.getsource(mod)
-        for j in range(0, len(src), 3000):
-            (d / f"{mod.__name__}_{j}.txt").write_text(src[j:j + 3000])
-    return d
+    return source_corpus(tmp_path_factory.mktemp("corpus"), ("argparse", "textwrap", "inspect", "json"), chunk=3000)
 
 
 def test_a_finished_pretraining_run_extends_from_final(corpus, tmp_path, one_thread):
