@@ -46,12 +46,17 @@ def tiny_config_fixture():
     return tiny_config
 
 
-def far_from_ties_(model: torch.nn.Module) -> torch.nn.Module:
+def far_from_ties_(model: torch.nn.Module, router_bias: float = 0.0) -> torch.nn.Module:
     """Large random weights in place (matrices N(0, 0.3), vectors 1 + N(0, 0.1)): greedy decoding then
-    sits far from near-tied logits, so token-for-token comparisons between implementations hold."""
+    sits far from near-tied logits, so token-for-token comparisons between implementations hold.
+    ``router_bias`` > 0 also draws the routers' selection biases (a buffer, so not among the
+    parameters) from N(0, router_bias): a converter or peer that drops them then routes differently."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3 if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+        for m in model.modules():
+            if router_bias and getattr(m, "e_score_correction_bias", None) is not None:
+                m.e_score_correction_bias.normal_(0, router_bias)
     return model
 
 

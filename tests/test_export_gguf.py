@@ -40,11 +40,7 @@ def build_checkpoint(path, **overrides) -> tuple[str, dsv3.ModelConfig]:
     tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
     cfg = tiny_config(**{**SHAPE, "vocab_size": tok.vocab_size + EXTRA_IDS, **overrides})
     torch.manual_seed(0)
-    model = far_from_ties_(dsv3.Transformer(cfg))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Router) and m.e_score_correction_bias is not None:
-                m.e_score_correction_bias.normal_(0, 0.1)
+    model = far_from_ties_(dsv3.Transformer(cfg), router_bias=0.1)
     dsv3.save_pretrained(model, path)
     tok.save(path)
     return str(path), cfg

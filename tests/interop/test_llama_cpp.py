@@ -39,7 +39,6 @@ import dsv3  # noqa: E402
 from conftest import CHAT_TEXT, far_from_ties_, tiny_config  # noqa: E402
 from dsv3.bench.peers.llama_cpp import LlamaCppModel, llama_cpp_unavailable, run_llama_cpp  # noqa: E402
 from dsv3.export.gguf import export_gguf  # noqa: E402
-from dsv3.model.moe import Router  # noqa: E402
 from dsv3.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=2,
@@ -66,11 +65,7 @@ def build(path, **overrides):
     tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
     cfg = tiny_config(**{**SHAPE, "vocab_size": tok.vocab_size, **overrides})
     torch.manual_seed(0)
-    model = far_from_ties_(dsv3.Transformer(cfg))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Router) and m.e_score_correction_bias is not None:
-                m.e_score_correction_bias.normal_(0, 0.1)
+    model = far_from_ties_(dsv3.Transformer(cfg), router_bias=0.1)
     dsv3.save_pretrained(model, path)
     tok.save(path)
     return model.eval(), tok

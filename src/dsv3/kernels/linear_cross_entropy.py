@@ -145,11 +145,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = (dx * scale).to(ctx.dtypes[0]) if dx is not None else None
         grad_w = (dw * scale).to(ctx.dtypes[1]) if dw is not None else None
         return grad_x, grad_w, None, None, None, None, None
-
-
-def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                                   ignore_index: int = -100) -> torch.Tensor:
-    """The plain computation the fused one replaces: full logits, then ``F.cross_entropy``."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.nn.functional.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index)

@@ -125,13 +125,6 @@ class Transformer(nn.Module):
         """The MoE layers of the main model, in order (their routers expose ``last_counts``)."""
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
-    def expert_counts(self) -> torch.Tensor | None:
-        """Tokens per expert in the last forward, ``[n_moe_layers, n_routed_experts]``."""
-        counts = [m.gate.last_counts for m in self.moe_layers()]
-        if not counts or any(c is None for c in counts):
-            return None
-        return torch.stack(counts)
-
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         """A contiguous latent cache for this model (main layers)."""
         p = self.embed_tokens.weight
