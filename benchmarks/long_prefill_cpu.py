@@ -102,13 +102,17 @@ def floor_flops(config, n: int, chunk: int) -> dict:
             "rework_flops": rework}
 
 
-def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int) -> dict:
+def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int, kernel: str = "auto") -> dict:
     """One length, in this process (the parent starts a fresh one per length)."""
+    import functools
     import torch
     torch.set_num_threads(threads)
     import dsv3
     from dsv3.config import preset
     from dsv3.model import Transformer
+    from dsv3.model.mla import MLA
+    if kernel != "auto":  # an A/B switch for this process only: every prompt chunk takes this kernel
+        MLA.attend_blocks = functools.partialmethod(MLA.attend_blocks, kernel=kernel)
 
     peak = gemm_peak(torch)
     torch.manual_seed(0)
@@ -136,7 +140,7 @@ def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int
     fl = floor_flops(cfg, n, chunk)
     floor_s = fl["floor_flops"] / peak
     return {
-        "tokens": n, "chunk": chunk, "threads": threads, "attention_block": attention_block,
+        "tokens": n, "chunk": chunk, "threads": threads, "attention_block": attention_block, "kernel": kernel,
         "max_position_embeddings": max_pos, "wall_s": wall, "cpu_s": cpu,
         "tokens_per_s_wall": n / wall, "peak_rss_delta_bytes": peak_rss - rss0,
         "peak_rss_reset": reset_ok, "latent_cache_bytes": n * L * cfg.latent_dim * 4,
@@ -177,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attention-block", type=int, default=512, help="cached positions per key block")
+    ap.add_argument("--kernel", default="auto", choices=["auto", "flash", "online"],
+                    help="blocked attention kernel of the prompt chunks (auto: torch's fused flash kernel per "
+                         "key block on the CPU; online: the eager online softmax, the previous code)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--plot", type=Path, help="write the figure here (PNG)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one length, JSON on stdout
@@ -186,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--lengths must be integers > {WARMUP_TOKENS}")
     max_pos = max(65536, max(lengths))
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.chunk, args.threads, args.attention_block, max_pos)))
+        print(json.dumps(run_one(args.one, args.chunk, args.threads, args.attention_block, max_pos, args.kernel)))
         return 0
     rows = []
     for n in lengths:
         cmd = [sys.executable, __file__, "--one", str(n), "--lengths", args.lengths, "--chunk", str(args.chunk),
-               "--threads", str(args.threads), "--attention-block", str(args.attention_block)]
+               "--threads", str(args.threads), "--attention-block", str(args.attention_block), "--kernel", args.kernel]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             sys.stderr.write(res.stderr)
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["load_average"] = list(os.getloadavg())
         rows.append(row)
-        print(f"{n:>7} tokens  wall {row['wall_s']:8.2f} s  cpu {row['cpu_s']:8.2f} s  floor {row['floor_s']:7.2f} s  "
+        print(f"{n:>7} tokens  {args.kernel:<6}  wall {row['wall_s']:8.2f} s  cpu {row['cpu_s']:8.2f} s  floor {row['floor_s']:7.2f} s  "
               f"x{row['time_over_floor']:.2f}  peak RSS +{row['peak_rss_delta_bytes'] / 2**20:7.1f} MiB  "
               f"(latent cache {row['latent_cache_bytes'] / 2**20:.1f} MiB)", flush=True)
         if args.json:  # after every length, so a long run leaves its finished rows behind

@@ -1,12 +1,15 @@
-"""Long prefill: blocked (online-softmax) attention and the engine's chunked prefill over it.
+"""Long prefill: blocked attention (fused flash kernel per key block, or the eager online softmax)
+and the engine's chunked prefill over it.
 
-The blocked kernel is checked against a plain float64 softmax attention written here; MLA's blocked
+Both blocked kernels are checked against a plain float64 softmax attention written here; MLA's blocked
 paths (naive per block, absorbed) against MLA's own full attention; and the engine's chunked prefill
 (3 chunks of 64 tokens, key blocks of 32, consecutive and scattered cache pages) against the model's
 unchunked full-sequence forward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -35,42 +38,95 @@ def _blocks(k, v, size, order=None):
         yield k[:, s:s + size], v[:, s:s + size], s
 
 
+KERNELS = ["online", "flash"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("S,T,block,q_tile", [(64, 64, 32, 128), (48, 200, 32, 16), (1, 77, 32, 128), (70, 300, 64, 32)])
-def test_blocked_attention_equals_plain_softmax_attention(shared, S, T, block, q_tile):
+def test_blocked_attention_equals_plain_softmax_attention(kernel, shared, S, T, block, q_tile):
     g = torch.Generator().manual_seed(S * 1000 + T)
     G, d, dv = 3, 24, 10
     q = torch.randn(G, S, d, generator=g) * 2
     kg = 1 if shared else G
     k, v = torch.randn(kg, T, d, generator=g) * 2, torch.randn(kg, T, dv, generator=g)
-    out = blocked_attention(q, _blocks(k, v, block), 0.3, T - S, q_tile=q_tile)
+    out = blocked_attention(q, _blocks(k, v, block), 0.3, T - S, q_tile=q_tile, kernel=kernel)
     ref = plain_attention(q, k, v, 0.3, T - S)
     assert out.shape == (G, S, dv) and out.dtype == q.dtype
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_blocked_attention_takes_blocks_in_any_order_and_skips_future_keys():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_blocked_attention_takes_blocks_in_any_order_and_skips_future_keys(kernel):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 40, 8, generator=g), torch.randn(2, 160, 8, generator=g), torch.randn(2, 160, 5, generator=g)
     # Queries at 60..99: the keys past 99 (blocks at 100..159) must not count, whatever their order.
-    out = blocked_attention(q, _blocks(k, v, 20, order=[7, 2, 0, 5, 1, 6, 3, 4]), 0.5, 60, q_tile=16)
+    out = blocked_attention(q, _blocks(k, v, 20, order=[7, 2, 0, 5, 1, 6, 3, 4]), 0.5, 60, q_tile=16, kernel=kernel)
     torch.testing.assert_close(out.double(), plain_attention(q, k[:, :100], v[:, :100], 0.5, 60), atol=1e-5, rtol=1e-5)
 
 
-def test_blocked_attention_rejects_bad_input():
+@pytest.mark.parametrize("block,q_start", [(48, 100), (64, 96), (200, 130), (13, 121)])
+def test_flash_kernel_block_boundaries_inside_the_chunk(block, q_start):
+    """The flash path splits a key block that straddles the chunk's first query into its past part
+    (unmasked call) and its own part, and gathers the chunk's own keys from several blocks into one
+    causal call: block edges before, at and inside the chunk, blocks given out of order."""
+    g = torch.Generator().manual_seed(block + q_start)
+    S, G, d, dv = 70, 4, 96, 32                       # MLA's tiny head sizes: v padded inside the kernel
+    T = q_start + S
+    q = torch.randn(G, S, d, generator=g)
+    k, v = torch.randn(G, T, d, generator=g), torch.randn(G, T, dv, generator=g)
+    n = -(-T // block)
+    order = list(range(n))[::-1]
+    out = blocked_attention(q, _blocks(k, v, block, order=order), d ** -0.5, q_start, kernel="flash")
+    torch.testing.assert_close(out.double(), plain_attention(q, k, v, d ** -0.5, q_start), atol=1e-5, rtol=1e-5)
+    online = blocked_attention(q, _blocks(k, v, block), d ** -0.5, q_start, kernel="online")
+    torch.testing.assert_close(out, online, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_kernel_wider_values_and_own_keys_with_a_gap():
+    """v wider than q/k (the query side is zero-padded), and the chunk's own keys with a hole in their
+    positions (an explicit mask instead of the causal flag; a query that sees no own key keeps only
+    its past keys)."""
+    g = torch.Generator().manual_seed(3)
+    G, S, d, dv, q_start = 2, 12, 8, 20, 30
+    q = torch.randn(G, S, d, generator=g)
+    k, v = torch.randn(G, 42, d, generator=g), torch.randn(G, 42, dv, generator=g)
+    keep = [i for i in range(42) if i not in (31, 32, 33)]                      # own positions 31..33 missing
+    blocks = [(k[:, 0:30], v[:, 0:30], 0), (k[:, 30:31], v[:, 30:31], 30), (k[:, 34:42], v[:, 34:42], 34)]
+    out = blocked_attention(q, blocks, 0.4, q_start, kernel="flash")
+    s = torch.matmul(q.double(), k[:, keep].double().transpose(-1, -2)) * 0.4
+    visible = torch.tensor(keep)[None, :] <= torch.arange(q_start, q_start + S)[:, None]
+    ref = torch.matmul(s.masked_fill(~visible, float("-inf")).softmax(-1), v[:, keep].double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_kernel_bf16_inputs_stay_close_to_fp32():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 40, 16, generator=g), torch.randn(2, 100, 16, generator=g), torch.randn(2, 100, 8, generator=g)
+    ref = plain_attention(q, k, v, 0.25, 60)
+    out = blocked_attention(q.bfloat16(), _blocks(k.bfloat16(), v.bfloat16(), 32), 0.25, 60, kernel="flash")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_blocked_attention_rejects_bad_input(kernel):
     q = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="no key blocks"):
-        blocked_attention(q, [], 1.0, 0)
+        blocked_attention(q, [], 1.0, 0, kernel=kernel)
     with pytest.raises(ValueError, match="do not fit"):
-        blocked_attention(q, [(torch.randn(2, 4, 7), torch.randn(2, 4, 3), 0)], 1.0, 0)
+        blocked_attention(q, [(torch.randn(2, 4, 7), torch.randn(2, 4, 3), 0)], 1.0, 0, kernel=kernel)
     with pytest.raises(ValueError, match="saw no key"):  # queries at 0..3, keys only at 10..13
-        blocked_attention(q, [(torch.randn(2, 4, 8), torch.randn(2, 4, 3), 10)], 1.0, 0)
+        blocked_attention(q, [(torch.randn(2, 4, 8), torch.randn(2, 4, 3), 10)], 1.0, 0, kernel=kernel)
     with pytest.raises(ValueError, match="q \\[G, S, d\\]"):
-        blocked_attention(torch.randn(4, 8), [], 1.0, 0)
+        blocked_attention(torch.randn(4, 8), [], 1.0, 0, kernel=kernel)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        blocked_attention(q, [], 1.0, 0, kernel="fused")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("absorb", [False, True, None])
-def test_mla_attend_blocks_equals_full_attention(absorb):
+def test_mla_attend_blocks_equals_full_attention(absorb, kernel):
     torch.manual_seed(0)
     c = tiny_config()
     mla = MLA(c, 0).eval()
@@ -80,7 +136,7 @@ def test_mla_attend_blocks_equals_full_attention(absorb):
     with torch.no_grad():
         ref = mla.attend(q_nope, q_pe, c_kv, k_pe, absorb=False)[0]                 # [S, H, v]
         lat = ((c_kv[0, s:s + 32], k_pe[0, s:s + 32], s) for s in range(0, T, 32))
-        out = mla.attend_blocks(q_nope[0], q_pe[0], lat, T - S, absorb=absorb, q_tile=8)
+        out = mla.attend_blocks(q_nope[0], q_pe[0], lat, T - S, absorb=absorb, q_tile=8, kernel=kernel)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -131,9 +187,11 @@ def test_engine_long_chunked_prefill_equals_unchunked_forward():
     assert seq.output == [int(ref_logits.argmax())]
 
 
-def test_runner_prefill_over_scattered_pages_equals_unchunked_forward():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_runner_prefill_over_scattered_pages_equals_unchunked_forward(kernel, monkeypatch):
     """A block table whose pages are out of order (gathered key blocks) and partly consecutive (views),
-    prompt chunks with a decode-sized item beside them (its absorbed blocked path)."""
+    prompt chunks with a decode-sized item beside them (its absorbed blocked path), through each kernel."""
+    monkeypatch.setattr(MLA, "attend_blocks", functools.partialmethod(MLA.attend_blocks, kernel=kernel))
     model = _model()
     c = model.config
     cache = PagedLatentCache(c, num_blocks=24, block_size=8, num_layers=c.num_hidden_layers + c.num_nextn_predict_layers,

@@ -149,19 +149,20 @@ class MLA(nn.Module):
 
     def attend_blocks(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
                       latents: Iterable[tuple[torch.Tensor, torch.Tensor, int]], q_start: int,
-                      absorb: bool | None = None, q_tile: int | None = None) -> torch.Tensor:
+                      absorb: bool | None = None, q_tile: int | None = None, kernel: str = "auto") -> torch.Tensor:
         """One sequence's queries over its cached latents, one block at a time (causal).
 
         q_nope [S,H,nope], q_pe [S,H,rope] at positions ``q_start..q_start+S-1``; ``latents`` yields
         ``(c_kv [T_b, r], k_pe [T_b, rope], start)`` blocks (views of the cache where possible), which
         must include every position up to ``q_start + S - 1`` -> ``[S, H, v]``.
         ``absorb``: the path; None picks the one with fewer FLOPs for this many queries and context.
-        Nothing per-head is ever built for more than one block, nor scores for more than one tile.
+        ``kernel``: :func:`dsv3.kernels.blocked_attention.blocked_attention`'s (fused flash per block on
+        the CPU, the eager online softmax elsewhere). Nothing per-head is ever built for more than one block, nor scores for more than one tile.
         """
         S = q_nope.shape[0]
         if absorb is None:
             absorb = self.absorbed_is_cheaper(S, q_start + S)
-        tile = {} if q_tile is None else {"q_tile": q_tile}
+        tile = {"kernel": kernel} if q_tile is None else {"q_tile": q_tile, "kernel": kernel}
         if absorb:
             q = torch.cat([self.absorb_query(q_nope), q_pe], dim=-1).transpose(0, 1)   # [H,S,r+rope]
 
