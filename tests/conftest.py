@@ -68,13 +68,15 @@ CHAT_TEXT = ("\n".join(" ".join(CHAT_WORDS[(7 * i + 3 * j) % len(CHAT_WORDS)] fo
              + _CHAT_CODE * 10)
 
 
-def chat_checkpoint(path, **overrides) -> str:
-    """A tiny random V3 (one MTP module, weights far from ties) saved in ``path`` together with a
-    ~300-id BPE tokenizer trained on ``CHAT_TEXT``; ``overrides`` go to :func:`tiny_config`."""
+def chat_checkpoint(path, tok=None, **overrides) -> str:
+    """A tiny random V3 (one MTP module, weights far from ties) saved in ``path`` together with
+    ``tok`` (default: a ~300-id BPE tokenizer trained on ``CHAT_TEXT``), the vocabulary sized to it;
+    ``overrides`` go to :func:`tiny_config`."""
     import dsv3
     from dsv3.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
+    if tok is None:
+        tok = train_tokenizer([CHAT_TEXT], vocab_size=300)
     torch.manual_seed(0)
     model = far_from_ties_(dsv3.Transformer(tiny_config(vocab_size=tok.vocab_size, **overrides)))
     dsv3.save_pretrained(model, path)
