@@ -31,6 +31,14 @@ TINY = dict(
     rope_scaling=None, torch_dtype="float32",
 )
 
+# The training tests' model (``TrainConfig.model_overrides``): hidden 32, a dense layer then an MoE
+# layer of 8 experts in 4 groups (keep 2), so a step of the real trainer takes milliseconds. A test
+# that needs another shape writes ``dict(TRAIN_MODEL, field=value)``, so what it changes is explicit.
+TRAIN_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
+                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
+                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1)
+
 # A small YaRN setting whose ramp is not degenerate for d=8 (low=0, high=3 with theta 100, L=64).
 TINY_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}

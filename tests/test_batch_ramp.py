@@ -7,16 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import gloo_group, source_corpus
+from conftest import TRAIN_MODEL, gloo_group, source_corpus
 
 from dsv3.train.batch_ramp import BatchRamp, batch_ramp_spec
 from dsv3.train.state import read_trainer_state
 from dsv3.train.trainer import TrainConfig, TrainError, train
-
-SMALL_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
-                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1)
 
 
 def test_parse():
@@ -72,7 +67,7 @@ def corpus(tmp_path_factory) -> Path:
 def ramp_run(corpus: Path, out: Path, **over) -> TrainConfig:
     base = dict(data=[str(corpus)], out=str(out), max_steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2,
                 save_every=4, eval_every=0, eval_batches=1, vocab_size=400, tokenizer_train_mb=0.2,
-                val_fraction=0.1, progress=False, sample_tokens=0, model_overrides=dict(SMALL_MODEL), device="cpu",
+                val_fraction=0.1, progress=False, sample_tokens=0, model_overrides=dict(TRAIN_MODEL), device="cpu",
                 batch_ramp="1:256")
     base.update(over)
     return TrainConfig(**base)

@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import gloo_group, source_corpus, tiny_config
+from conftest import TRAIN_MODEL, gloo_group, source_corpus, tiny_config
 from dsv3.model.moe import RoutedExperts, Router
 from dsv3.train.parallel.expert_parallel import max_ranks_per_token, ranks_per_token
 from dsv3.train.parallel.parallelize import check_ep
@@ -40,10 +40,7 @@ from dsv3.train.trainer import TrainConfig, prepare_data, train
 
 WORLD = 2
 STEPS = 4
-MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-             num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-             n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1)
+MODEL = dict(TRAIN_MODEL, n_group=2, topk_group=1)
 
 
 def run_config(cache: Path, out: Path, **over) -> TrainConfig:

@@ -7,15 +7,12 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import source_corpus
+from conftest import TRAIN_MODEL, source_corpus
 
 from dsv3.cli import main
 from dsv3.train import experiment_balance as EB
 
-SMALL_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16,
-                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_group=4,
-                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1)
+SMALL_MODEL = dict(TRAIN_MODEL, q_lora_rank=16, v_head_dim=8)
 
 
 class FakeTrain:

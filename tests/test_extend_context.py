@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import source_corpus
+from conftest import TRAIN_MODEL, source_corpus
 
 import dsv3
 from dsv3.train.context import EXTEND_STEPS_FRACTION, V3_YARN_PARAMS, plan_stage
 from dsv3.train.state import read_trainer_state
 from dsv3.train.trainer import TrainConfig, TrainError, train
 
-SMALL_MODEL = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
-                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, rope_theta=100.0)
+SMALL_MODEL = dict(TRAIN_MODEL, rope_theta=100.0)
 QUIET = dict(log=lambda *a: None)
 
 

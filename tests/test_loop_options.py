@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import source_corpus
+from conftest import TRAIN_MODEL, source_corpus
 from post_fixtures import tiny_chat_model
 
 from dsv3.post.grpo import GRPOConfig, GRPOError, grpo
@@ -114,10 +114,7 @@ def test_pretraining_writes_tensorboard_with_per_layer_stats(tmp_path, one_threa
     pytest.importorskip("tensorboard")
     from dsv3.train.trainer import TrainConfig, train
     source_corpus(tmp_path / "corpus", ("textwrap", "inspect"), chunk=3000)
-    model = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-                 num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-                 qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,
-                 num_experts_per_tok=2, first_k_dense_replace=1)
+    model = dict(TRAIN_MODEL, num_hidden_layers=3, n_routed_experts=4, n_group=1, topk_group=1)
     train(TrainConfig(data=[str(tmp_path / "corpus")], out=str(tmp_path / "pt"), max_steps=3, batch_size=2, seq_len=32,
                       save_every=0, eval_every=2, eval_batches=1, vocab_size=300, tokenizer_train_mb=0.05,
                       val_fraction=0.2, progress=False, sample_tokens=0, model_overrides=model, device="cpu",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN_MODEL
 
 import dsv3
 from dsv3.model import ModelOutput
@@ -24,10 +25,7 @@ from dsv3.train.optim import Schedule, param_groups
 from dsv3.train.state import read_trainer_state, state_dir
 from dsv3.train.trainer import TrainConfig, TrainError, compute_losses, train
 
-SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
-                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1)
+SMALL_MODEL = dict(TRAIN_MODEL, hidden_size=64, intermediate_size=128, moe_intermediate_size=32)
 
 
 @pytest.fixture(scope="module")

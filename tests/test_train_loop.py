@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import source_corpus
+from conftest import TRAIN_MODEL, source_corpus
 
 from dsv3.train.loop import SingleProcess, optimizer_update
 from dsv3.train.parallel.training import ParallelTraining
@@ -53,10 +53,7 @@ def corpus(tmp_path_factory):
 
 
 def test_a_finished_pretraining_run_extends_from_final(corpus, tmp_path, one_thread):
-    model = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_group=1,
-                 topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1)
+    model = dict(TRAIN_MODEL, n_routed_experts=4, n_group=1, topk_group=1)
     cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), max_steps=3, batch_size=2, seq_len=32,
                       save_every=2, eval_every=0, eval_batches=1, vocab_size=300, tokenizer_train_mb=0.05,
                       val_fraction=0.2, progress=False, sample_tokens=0, model_overrides=model, device="cpu")
