@@ -8,6 +8,8 @@ Model: the random ``tiny`` preset (4 layers, hidden 256, 4 heads, MLA latent 512
 subprocess (so its peak RSS is its own): ``dsv3.LLM(model, max_num_batched_tokens=--chunk,
 max_num_seqs=1, max_model_len=length + 1)`` after a 64-token warm-up on a throwaway engine, one prompt of ``length``
 random tokens with ``max_tokens=1`` (prefill in chunks of ``--chunk`` tokens, logits of the last only).
+``--kernel online|flash`` picks the blocked attention kernel of the prompt chunks (the eager online
+softmax, the engine's default, or torch's fused CPU flash kernel per key block), for A/B runs.
 
 Reported per length:
 
@@ -102,7 +104,7 @@ def floor_flops(config, n: int, chunk: int) -> dict:
             "rework_flops": rework}
 
 
-def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int, kernel: str = "auto") -> dict:
+def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int, kernel: str = "online") -> dict:
     """One length, in this process (the parent starts a fresh one per length)."""
     import functools
     import torch
@@ -111,8 +113,8 @@ def run_one(n: int, chunk: int, threads: int, attention_block: int, max_pos: int
     from dsv3.config import preset
     from dsv3.model import Transformer
     from dsv3.model.mla import MLA
-    if kernel != "auto":  # an A/B switch for this process only: every prompt chunk takes this kernel
-        MLA.attend_blocks = functools.partialmethod(MLA.attend_blocks, kernel=kernel)
+    # An A/B switch for this process only: every prompt chunk's blocked attention takes this kernel.
+    MLA.attend_blocks = functools.partialmethod(MLA.attend_blocks, kernel=kernel)
 
     peak = gemm_peak(torch)
     torch.manual_seed(0)
@@ -181,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attention-block", type=int, default=512, help="cached positions per key block")
-    ap.add_argument("--kernel", default="auto", choices=["auto", "flash", "online"],
-                    help="blocked attention kernel of the prompt chunks (auto: torch's fused flash kernel per "
-                         "key block on the CPU; online: the eager online softmax, the previous code)")
+    ap.add_argument("--kernel", default="online", choices=["online", "flash"],
+                    help="blocked attention kernel of the prompt chunks (online: the eager online softmax, the "
+                         "engine's default; flash: torch's fused CPU flash kernel per key block)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--plot", type=Path, help="write the figure here (PNG)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one length, JSON on stdout

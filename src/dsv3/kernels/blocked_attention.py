@@ -34,7 +34,9 @@ call per block), and the chunk's own keys (positions ``q_start ..``) are gathere
 ``[G, <= S, d]`` block whose causal call is the kernel's ``is_causal`` (query ``i`` sees own key
 ``j <= i``, the top-left diagonal), so the kernel skips the tiles above the diagonal. The kernel wants
 one head size for q, k and v: a narrower v (MLA: v 32 vs qk 96 on the tiny preset) is padded with zero
-columns (and cut off the output), which costs ``P V`` FLOPs but still beats the eager online softmax.
+columns (and cut off the output), which costs ``P V`` FLOPs: 1.5x the attention FLOPs at MLA's tiny
+head sizes (qk 96, v 32), where on a 1-thread AVX2 CPU it ties with the eager online softmax, so the
+online kernel stays the default and the fused one is ``kernel="flash"``.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ import torch.nn.functional as F
 LOG2E = math.log2(math.e)
 # Query rows per tile: 128 queries x 512 keys x 4 heads x 4 bytes = 1 MiB, about one core's L2.
 DEFAULT_Q_TILE = 128
-KERNELS = ("auto", "flash", "online")
+KERNELS = ("online", "flash")
 
 
 def blocked_attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, int]], scale: float,
-                      q_start: int, q_tile: int = DEFAULT_Q_TILE, kernel: str = "auto") -> torch.Tensor:
+                      q_start: int, q_tile: int = DEFAULT_Q_TILE, kernel: str = "online") -> torch.Tensor:
     """Causal softmax attention, one key block at a time.
 
     Args:
@@ -63,9 +65,10 @@ def blocked_attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torc
         scale: multiplies the scores before the softmax.
         q_start: position of the first query.
         q_tile: queries per score tile (bounds the working set) of the online kernel.
-        kernel: ``"flash"`` (torch's fused CPU kernel per block, :func:`flash_blocked_attention`; CPU
-            tensors only), ``"online"`` (the eager online softmax over ``q_tile x T_b`` tiles, any
-            device) or ``"auto"`` (flash on the CPU, online elsewhere).
+        kernel: ``"online"`` (the eager online softmax over ``q_tile x T_b`` tiles, any device; the
+            default) or ``"flash"`` (torch's fused CPU kernel per block, :func:`flash_blocked_attention`;
+            CPU tensors only). Measured on a 1-thread AVX2 CPU the two tie (benchmarks/RESULTS.md, "Long
+            prefill"): the fused kernel's fusion gain is spent on the zero-padded value columns.
 
     Returns:
         ``[G, S, dv]`` in ``q``'s dtype. The softmax runs in fp32 (or wider) whatever the input dtype.
@@ -76,7 +79,7 @@ def blocked_attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torc
         raise ValueError(f"q_tile must be >= 1, got {q_tile}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "flash" or (kernel == "auto" and q.device.type == "cpu"):
+    if kernel == "flash":
         return flash_blocked_attention(q, blocks, scale, q_start)
     G, S, d = q.shape
     acc_dtype = torch.promote_types(q.dtype, torch.float32)

@@ -149,15 +149,16 @@ class MLA(nn.Module):
 
     def attend_blocks(self, q_nope: torch.Tensor, q_pe: torch.Tensor,
                       latents: Iterable[tuple[torch.Tensor, torch.Tensor, int]], q_start: int,
-                      absorb: bool | None = None, q_tile: int | None = None, kernel: str = "auto") -> torch.Tensor:
+                      absorb: bool | None = None, q_tile: int | None = None, kernel: str = "online") -> torch.Tensor:
         """One sequence's queries over its cached latents, one block at a time (causal).
 
         q_nope [S,H,nope], q_pe [S,H,rope] at positions ``q_start..q_start+S-1``; ``latents`` yields
         ``(c_kv [T_b, r], k_pe [T_b, rope], start)`` blocks (views of the cache where possible), which
         must include every position up to ``q_start + S - 1`` -> ``[S, H, v]``.
         ``absorb``: the path; None picks the one with fewer FLOPs for this many queries and context.
-        ``kernel``: :func:`dsv3.kernels.blocked_attention.blocked_attention`'s (fused flash per block on
-        the CPU, the eager online softmax elsewhere). Nothing per-head is ever built for more than one block, nor scores for more than one tile.
+        ``kernel``: :func:`dsv3.kernels.blocked_attention.blocked_attention`'s (``"online"`` softmax or
+        torch's fused CPU ``"flash"`` kernel per block). Nothing per-head is ever built for more than one
+        block, nor scores for more than one tile.
         """
         S = q_nope.shape[0]
         if absorb is None:
