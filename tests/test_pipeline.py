@@ -1,7 +1,7 @@
 """Pipeline parallelism (train/parallel/pipeline.py) on CPU gloo ranks against one process.
 
 The single-process run is the reference: for every schedule offered, 2 and 4 pipeline ranks (and
-pp 2 x dp 2) log the same per-step training and validation losses within 1e-5 for the same seed and
+pp 2 x dp 2, and pp 2 x ep 2: each stage's experts split over its 2 replicas) log the same per-step training and validation losses within 1e-5 for the same seed and
 global batch, and end with the same aux-loss-free biases (integer counts, summed over stages and
 replicas: exactly). One process launch per world size runs every schedule in one process group
 (start-up dominates the cost). A pipeline checkpoint (sharded, torch.distributed.checkpoint) resumes
@@ -62,6 +62,11 @@ def cases(world: int) -> dict[str, dict]:
     if world == 4:
         out["pp2-dp2-1f1b"] = dict(pp=2, pp_schedule="1f1b")
         out["pp2-dp2-dualpipev"] = dict(pp=2, pp_schedule="dualpipev")
+        # expert parallel within each stage's replicas: 1f1b (one stage per rank, full backward) and
+        # dualpipev (a V of two stages per rank, split input/weight backward) cover the two code
+        # paths interleaved and zbv also take (all four measured equal; benchmarks/RESULTS.md)
+        out["pp2-ep2-1f1b"] = dict(pp=2, pp_schedule="1f1b", ep=2)
+        out["pp2-ep2-dualpipev"] = dict(pp=2, pp_schedule="dualpipev", ep=2)
         out = {k: dict(v, save_every=0, eval_every=0) for k, v in out.items()}
     return out
 
@@ -190,8 +195,13 @@ def test_layout_and_errors():
         check_pipeline(cfg, 2, 2, "dualpipev", 2, 8)
     with pytest.raises(DistributedError, match="multiple of 2 rounds"):
         check_pipeline(tiny_config(num_hidden_layers=4), 2, 2, "interleaved", 5, 10)
-    with pytest.raises(DistributedError, match="--ep"):
-        check_pipeline(cfg, 4, 2, "1f1b", 2, 8, ep=2)
+    with pytest.raises(DistributedError, match="--ep 4 with --pp 2.*must divide dp = 4 ranks / --pp 2 = 2"):
+        check_pipeline(cfg, 4, 2, "1f1b", 2, 8, ep=4)   # experts split over a stage's 2 replicas at most
+    with pytest.raises(DistributedError, match="--ep 3 must divide n_routed_experts"):
+        check_pipeline(tiny_config(num_hidden_layers=4, n_routed_experts=8), 6, 2, "1f1b", 2, 6, ep=3)
+    with pytest.raises(DistributedError, match="no MoE layer"):
+        check_pipeline(tiny_config(num_hidden_layers=4, first_k_dense_replace=4), 4, 2, "1f1b", 2, 8, ep=2)
+    assert check_pipeline(cfg, 4, 2, "1f1b", 2, 8, ep=2) == 2    # pp 2 x ep 2 (dp 2)
     with pytest.raises(DistributedError, match="pp-schedule"):
         check_pipeline(cfg, 2, 2, "gpipe", 2, 8)
     assert check_pipeline(cfg, 4, 2, "1f1b", 2, 8) == 2          # dp = 2

@@ -150,6 +150,12 @@ def apply_expert_parallel(model: nn.Module, group=None) -> int:
     return n
 
 
+def expert_owner(model: nn.Module, name: str) -> ExpertParallelExperts | None:
+    """The EP experts module holding tensor ``name`` (a parameter or state-dict key of ``model``), if any."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner if isinstance(owner, ExpertParallelExperts) else None
+
+
 def ranks_per_token(topk: torch.Tensor, n_experts: int, ep_size: int) -> torch.Tensor:
     """topk [T, k] global expert ids -> [T] how many distinct EP ranks each token is dispatched to."""
     rank = topk // (n_experts // ep_size)                                               # [T, k]

@@ -62,7 +62,22 @@ replicas (each block a unit, then the stage); the schedules defer the reduce-sca
 backward of a step (``PipelineStage`` drives FSDP), which averages the gradients over the replicas.
 The embedding copy is sharded like the table, so the pair's sums run on matching shards; FSDP2
 cannot put one module under two roots, so with ``dp > 1`` the V's rank 0 uses a (local) copy too.
-Expert parallelism does not compose with ``--pp`` yet (a clear error).
+
+Expert parallel (``--ep E``, ``E`` dividing ``dp``): each stage's MoE layers run expert parallel over
+that stage's replicas, the ``dp`` ranks holding the same pipeline rank. The replicas are cut into EP
+groups of ``E`` consecutive replicas, on a ``(ep_rep, ep, pp)`` mesh (rank ``r``: pipeline rank
+``r % pp``, replica ``d = r // pp`` = EP rank ``d % E`` of group ``d // E``); as in
+:mod:`~.parallelize`, EP rank ``e`` keeps experts ``[e E_n/E, (e+1) E_n/E)`` and the ``dp / E``
+replicas holding the same slice (``ep_rep``) shard it with FSDP2. A stage's all-to-alls run on its
+own EP group only; every replica of a pipeline rank runs the same schedule, so they meet in the same
+order. Under the split backward of zbv / dualpipev the all-to-alls lie on the path to the stage's
+input, so they run in the input-gradient pass; the weight pass only multiplies locally. Expert
+gradients arrive summed over the EP group (the all-to-all's backward), FSDP2 sums over ``ep_rep``
+and divides by ``dp``: the mean over the global batch, like every other gradient. Routing stays on
+the token's rank, so the routers' counts, summed over all ranks as above, are still the global
+batch's. Checkpoints present each expert piece as a piece of the full ``[E_n, ...]`` tensor (on the
+stage's ``(ep, ep_rep)`` mesh, :func:`~.checkpoint.expert_view`), so an EP pipeline checkpoint
+resumes at any layout.
 
 Checkpoints go through the sharded checkpoint of ``checkpoint.py`` (torch.distributed.checkpoint):
 each rank's pruned model holds its stages' tensors under the single-process names, so DCP saves the
@@ -85,6 +100,7 @@ from torch import nn
 from ...model import Transformer
 from ...model.moe import MoE, Router
 from .dist import DistContext, DistributedError
+from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, expert_owner
 from .training import ParallelTraining
 
 SCHEDULES = ("1f1b", "interleaved", "zbv", "dualpipev")
@@ -186,8 +202,16 @@ def check_pipeline(config, world_size: int, pp: int, schedule: str, microbatches
     if world_size % pp:
         raise DistributedError(f"--pp {pp} must divide the number of ranks ({world_size}); world = pp x dp")
     dp = world_size // pp
-    if ep != 1:
-        raise DistributedError("--ep does not compose with --pp yet; use --pp with data parallelism only")
+    if ep < 1:
+        raise DistributedError(f"--ep must be >= 1, got {ep}")
+    if ep > 1:
+        if dp % ep:
+            raise DistributedError(f"--ep {ep} with --pp {pp}: each stage's experts are split over its data-parallel "
+                                   f"replicas, so --ep must divide dp = {world_size} ranks / --pp {pp} = {dp}")
+        if config.n_routed_experts % ep:
+            raise DistributedError(f"--ep {ep} must divide n_routed_experts ({config.n_routed_experts})")
+        if not any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+            raise DistributedError(f"--ep {ep}: the model has no MoE layer to shard")
     if fp8:
         raise DistributedError("--fp8 does not compose with --pp yet")
     if aux_loss_alpha:
@@ -403,8 +427,8 @@ class PipelineTraining(ParallelTraining):
     is one :meth:`forward_backward` that runs the schedule over its ``M`` microbatches.
     """
 
-    def __init__(self, ctx: DistContext, pp: int, schedule: str, microbatches: int | None):
-        super().__init__(ctx, ep=1)
+    def __init__(self, ctx: DistContext, pp: int, schedule: str, microbatches: int | None, ep: int = 1):
+        super().__init__(ctx, ep=ep)
         check_schedule(schedule)
         if pp < 1 or ctx.world_size % pp:
             raise DistributedError(f"--pp {pp} must divide the number of ranks ({ctx.world_size}); world = pp x dp")
@@ -417,6 +441,7 @@ class PipelineTraining(ParallelTraining):
         self.pp_group, self.dp_mesh = self.mesh["pp"].get_group(), self.mesh["dp"]
         self.stages: list[StageModule] = []
         self.schedule = None
+        self.ep_group = self.rep_mesh = self.expert_view_mesh = None   # made by parallelize when ep > 1
 
     @classmethod
     def from_cfg(cls, cfg) -> PipelineTraining:
@@ -425,7 +450,7 @@ class PipelineTraining(ParallelTraining):
         if world_size_from_env() < cfg.pp:
             raise DistributedError(f"--pp {cfg.pp} needs at least {cfg.pp} processes; launch with "
                                    f"torchrun --nproc-per-node {cfg.pp} -m dsv3 train ...")
-        return cls(init_distributed(cfg.device), cfg.pp, cfg.pp_schedule, cfg.microbatches)
+        return cls(init_distributed(cfg.device), cfg.pp, cfg.pp_schedule, cfg.microbatches, ep=cfg.ep)
 
     # ------------------------------------------------------------------ data and model
     def _local_batch_size(self, global_batch: int) -> int:
@@ -456,7 +481,7 @@ class PipelineTraining(ParallelTraining):
         c = model.config
         local_batch = self._local_batch_size(cfg.batch_size)
         M = self.requested_microbatches or default_microbatches(self.pp, local_batch)
-        check_pipeline(c, self.world_size, self.pp, self.schedule_name, M, cfg.batch_size, cfg.ep, cfg.aux_loss_alpha,
+        check_pipeline(c, self.world_size, self.pp, self.schedule_name, M, cfg.batch_size, self.ep, cfg.aux_loss_alpha,
                        cfg.fp8)
         self.microbatches, self.seq_len, self.microbatch_size = M, cfg.seq_len, local_batch // M
         self.dtype = getattr(cfg, "dtype", "fp32")   # bf16 autocast where the run asks for it
@@ -478,16 +503,36 @@ class PipelineTraining(ParallelTraining):
         self.embed_local = embed_copy and self.holds_first   # owner and copy on this rank
         losses = LossSettings(cfg.mtp_weight, cfg.seq_aux_alpha, M * cfg.grad_accum, cfg.fused_ce)
         self.stages = split_model(model, layout, self.pp_rank, losses, embed_copy)
+        ep_note = ""
+        if self.ep > 1:   # the pruned model: this rank's stages' MoE layers (and MTP's, on the last stage)
+            self._make_expert_meshes()
+            n = apply_expert_parallel(model, self.ep_group)
+            ep_note = (f", expert parallel {self.ep} within each stage's replicas ({c.n_routed_experts // self.ep} "
+                       f"experts per rank; {n} MoE layer(s) here)")
         if self.dp > 1:
             self._shard_stages()
         self.model = model
         self._build_schedule(model, M)
         mb = self.microbatch_size
-        log(f"pipeline: {self.world_size} ranks ({self.ctx.backend}) = pp {self.pp} x dp {self.dp}{' (FSDP2)' if self.dp > 1 else ''}, schedule "
+        log(f"pipeline: {self.world_size} ranks ({self.ctx.backend}) = pp {self.pp} x dp {self.dp}{' (FSDP2)' if self.dp > 1 else ''}{ep_note}, schedule "
             f"{self.schedule_name}, {layout.n_stages} stages (layers per stage "
             f"{[len(s) for s in layout.stage_layers]}, stage ranks {list(layout.stage_rank)}), {M} microbatches of "
             f"{mb} sequences; bubble in theory (F=B=W) {bubble_fraction(self.schedule_name, self.pp, M):.1%}")
         return model
+
+    def _make_expert_meshes(self) -> None:
+        """The EP groups within each stage's replicas, the ``ep_rep`` meshes FSDP2 shards each expert
+        slice over, and the ``(ep, ep_rep)`` view mesh checkpoints present the experts on (collective:
+        every rank builds every group)."""
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+        kind, rep = self.device.type, self.dp // self.ep
+        # rank = (ep_rep index * ep + EP rank) * pp + pipeline rank = replica * pp + pipeline rank
+        mesh = init_device_mesh(kind, (rep, self.ep, self.pp), mesh_dim_names=("ep_rep", "ep", "pp"))
+        self.ep_group, self.rep_mesh = mesh["ep"].get_group(), mesh["ep_rep"]
+        # the same ranks with dims (pp, ep, ep_rep): this rank's ["ep", "ep_rep"] slice picks the EP
+        # slice along dim 0, then FSDP2's piece of it (what checkpoint.expert_view expects)
+        view = DeviceMesh(kind, mesh.mesh.permute(2, 1, 0).contiguous(), mesh_dim_names=("pp", "ep", "ep_rep"))
+        self.expert_view_mesh = view["ep", "ep_rep"]
 
     def _shard_stages(self) -> None:
         """FSDP2 over each stage's replicas: every block (main and MTP) its own unit, then the stage.
@@ -501,6 +546,14 @@ class PipelineTraining(ParallelTraining):
         from torch.distributed.fsdp import fully_shard
         for st in self.stages:
             for block in list(st.layers) + ([m.block for m in st.mtp] if st.last else []):
+                experts = getattr(block.mlp, "experts", None) if isinstance(block.mlp, MoE) else None
+                if isinstance(experts, ExpertParallelExperts):
+                    # an EP slice is sharded over the replicas holding the same slice; its gradient is
+                    # summed over the EP group (all-to-all backward) and over ep_rep: / dp is the mean
+                    fully_shard(experts, mesh=self.rep_mesh, reshard_after_forward=False)
+                    experts.set_gradient_divide_factor(float(self.dp))
+                    if self.rep_mesh.size() > 1 and "gloo" in self.ctx.backend:
+                        experts.set_force_sum_reduction_for_comms(True)   # gloo has no pre-multiplied sum
                 fully_shard(block, mesh=self.dp_mesh, reshard_after_forward=False)
             fully_shard(st, mesh=self.dp_mesh, reshard_after_forward=False)
 
@@ -695,8 +748,9 @@ class PipelineTraining(ParallelTraining):
     def gather_full_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The full model's state dict on rank 0 (None elsewhere): every stage's tensors from replica 0
         (collective)."""
+        from .checkpoint import full_model_state
         self._reshard()
-        full = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}   # collective over dp
+        full = full_model_state(model)   # collective over each stage's replicas (FSDP2 shards, EP slices)
         part = full if self.dp_rank == 0 else None
         parts = [None] * self.world_size if self.is_main else None
         dist.gather_object(part, parts, dst=0)
@@ -714,24 +768,21 @@ class PipelineTraining(ParallelTraining):
         from .checkpoint import save_parallel_checkpoint
         self._reshard()
         return save_parallel_checkpoint(self.ctx, out_dir, name, model, tokenizer, optimizer, trainer_state,
-                                        layout={"pp": self.pp, "pp_schedule": self.schedule_name, "dp": self.dp},
-                                        gather=self.gather_full_state)
+                                        mesh=self.expert_view_mesh, gather=self.gather_full_state,
+                                        layout={"pp": self.pp, "pp_schedule": self.schedule_name, "dp": self.dp,
+                                                "ep": self.ep})
 
     def load(self, path: Path, model: nn.Module, optimizer) -> dict:
         """Resume from a sharded checkpoint of any layout, or a single-process one (read whole, each
         rank keeping its stages' tensors and AdamW state, matched by parameter name)."""
         from ..state import load_training_state, sharded_info
-        from .checkpoint import load_sharded_checkpoint, shard_like
+        from .checkpoint import load_full_model_state, load_sharded_checkpoint
         self._reshard()
         if sharded_info(path):
-            return load_sharded_checkpoint(path, model, optimizer)
+            return load_sharded_checkpoint(path, model, optimizer, mesh=self.expert_view_mesh)
         from ...checkpoint import load_pretrained
         loaded = load_pretrained(path, dtype=torch.float32).state_dict()
-        own = model.state_dict()
-        missing = sorted(set(own) - set(loaded))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-        model.load_state_dict({n: shard_like(loaded[n], t, None) for n, t in own.items()})
+        load_full_model_state(model, loaded)   # this rank's tensors (its FSDP2 shards and EP slices)
         del loaded
         # (an embedding copy is refreshed from the owner before the next forward)
         return load_training_state(path, _LocalOptimizerView(optimizer, model, self.full_config))
@@ -741,11 +792,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a (possibly FSDP-sharded) tensor; in-place ops on it change the parameter."""
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -808,7 +854,8 @@ class _LocalOptimizerView:
             for p in g["params"]:
                 st = by_name.get(names[id(p)])
                 if st:
-                    state[li] = {k: shard_like(v, p, None) if torch.is_tensor(v) and v.dim() > 0 else v
+                    ep = expert_owner(self.model, names[id(p)])
+                    state[li] = {k: shard_like(v, p, ep) if torch.is_tensor(v) and v.dim() > 0 else v
                                  for k, v in st.items()}
                 ids.append(li)
                 li += 1
