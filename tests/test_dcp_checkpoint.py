@@ -12,7 +12,9 @@ sharded checkpoint at step 2 and ``final`` at step 4. Its step-2 checkpoint is t
 and the 4-rank ep-2 run's ``final`` (saved at 4 ranks) is extended by one step in one process, next
 to the reference's ``final`` extended the same way. A 2-rank pipeline run (pp 2, 1f1b: each rank
 holds one stage's tensors) saves at step 2 and resumes in one process and at 4 ranks with ep 2.
-(pp x ep is the issue's example, but the pipeline refuses --ep for now: pp and ep are tested apart.) Across layouts the next losses agree to a
+The issue's example: a 4-rank pp 2 x ep 2 run (each stage's experts split over its 2 replicas; its
+losses agree with the reference's) saves at step 2 and resumes in one process and at 4 ranks with
+ep 4 (no pipeline), with its own next losses. Across layouts the next losses agree to a
 relative 1e-6, not bit for bit: the model and optimizer state are restored exactly, but a different
 layout sums a step's losses and gradients in another order (per-rank token means averaged over
 ranks, FSDP's reduce-scatter), which moves fp32 results by a few ulps (measured up to 1.6e-7
@@ -164,8 +166,10 @@ def _worker(rank: int, world: int, cache: str, tmp: str) -> None:
             _save_partial_optimizer_state(tmp_p)
             resumes = {"again": ("ep2", dict(ep=2)), "fsdp": ("ep2", dict(ep=1))}
         else:
+            train(run_config(cache_p, tmp_p / "pp2ep2", pp=2, ep=2), log=_quiet)   # pp 2 x ep 2, 1f1b
             resumes = {"four_ep4": ("ep2", dict(ep=4)), "four_ep2": ("ep2", dict(ep=2)),
-                       "ep_to_pp2_dp2": ("ep2", dict(pp=2)), "pp_to_four_ep2": ("pp2", dict(ep=2))}
+                       "ep_to_pp2_dp2": ("ep2", dict(pp=2)), "pp_to_four_ep2": ("pp2", dict(ep=2)),
+                       "pp2ep2_to_four_ep4": ("pp2ep2", dict(ep=4))}
         for name, (src, layout) in resumes.items():
             if rank == 0:
                 copy_run(tmp_p / src, tmp_p / name)
@@ -300,8 +304,17 @@ def test_sharded_checkpoints_resume_at_other_layouts(cache, tmp_path, one_thread
     fork(_worker, 4, str(cache), str(tmp_path))
     four = tmp_path / "four_ep2"
     assert len(read_trainer_state(four / "final")["sharded"]["files"]) == 4
+    # pp 2 x ep 2: four shard files (each rank its stage's tensors, its EP slice of the experts);
+    # resumed in one process (and at 4 ranks with ep 4, above)
+    ppep = tmp_path / "pp2ep2"
+    info = read_trainer_state(ppep / "checkpoint-2")["sharded"]
+    assert (info["world_size"], info["pp"], info["dp"], info["ep"]) == (4, 2, 2, 2)
+    assert len(list(state_dir(ppep / "checkpoint-2").glob("*.safetensors"))) == 4
+    copy_run(ppep, tmp_path / "pp2ep2_to_one")
+    train(run_config(cache, tmp_path / "pp2ep2_to_one"), resume=True, log=_quiet)
     runs = {"fsdp": ref, "one": ref, "four_ep4": ref, "four_ep2": ref, "ep_to_pp2_dp2": ref,
-            "pp_to_one": pp, "pp_to_four_ep2": pp}
+            "pp_to_one": pp, "pp_to_four_ep2": pp,
+            "pp2ep2": ref, "pp2ep2_to_one": ppep, "pp2ep2_to_four_ep4": ppep}
     for name, want in runs.items():
         assert_close_losses(tmp_path / name, want, name)
         got = biases(final_weights(tmp_path / name))
