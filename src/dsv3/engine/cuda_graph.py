@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ..model import Transformer
+from .compile_options import decode_compile_options, skip_guard_eval
 from .experts import build_experts, choose_experts, swap_experts
 from .paged_cache import PagedBatch, PagedLatentCache
 
@@ -67,9 +68,10 @@ class CUDAGraphDecoder:
             raise ValueError(f"CUDA graphs need the cache on a CUDA device, it is on {dev}")
         self.steps = {"main": self._forward, "mtp": self._forward_mtp}
         # The compiled callables wrap these very methods: eager and compiled steps are one forward.
-        # emulate_precision_casts: round to bf16/fp16 wherever eager does (inductor otherwise keeps fused
-        # intermediates in fp32), so compiled decoding stays as close to the eager engine as it can.
-        self.compiled = ({k: torch.compile(f, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+        # Inductor options by device (compile_options.py: what was measured and what is adopted).
+        self.compile_options = decode_compile_options(dev) if compile else None
+        self.skip_guard_eval = compile and skip_guard_eval(dev)
+        self.compiled = ({k: torch.compile(f, dynamic=False, fullgraph=True, options=self.compile_options)
                           for k, f in self.steps.items()} if compile else None)
         self.max_num_seqs, self.max_query_len = max_num_seqs, max_query_len
         self.max_rows = max_num_seqs * max_query_len
@@ -122,6 +124,11 @@ class CUDAGraphDecoder:
         previous = swap_experts(self._experts_for(b))
         try:
             if (kind, b) in self._compiled_once:
+                if self.skip_guard_eval:
+                    # This bucket's graph exists and nothing a guard checks changes between steps
+                    # (compile_options.py): let dynamo evaluate only the guards that pick the graph.
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                        return self.compiled[kind](b, tables)
                 return self.compiled[kind](b, tables)
             # Each bucket is a graph of its own: allow that many recompilations of this step (dynamo's
             # default limit, 8, would run the larger buckets eagerly).
