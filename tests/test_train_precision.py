@@ -10,6 +10,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRAIN_MODEL
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.cli import build_parser
@@ -204,10 +205,7 @@ def test_fused_head_runs_its_gemms_in_bf16_under_cpu_autocast():
 
 
 # ---------------------------------------------------------------------- a training step
-SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=24,
-                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
-                   topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, vocab_size=256,
+SMALL_MODEL = dict(TRAIN_MODEL, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, vocab_size=256,
                    num_nextn_predict_layers=1)
 
 
