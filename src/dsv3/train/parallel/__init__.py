@@ -9,7 +9,7 @@ Everything here is applied to the single-device model from outside it:
     parallelize.py      parallelize(model, ...): EP, then FSDP2 per block and root; global grad-norm clip
     checkpoint.py       sharded checkpoints (torch.distributed.checkpoint): any layout resumes any save
     training.py         ParallelTraining: the calls the training loop (train/loop.py) makes under torchrun
-    pipeline.py         --pp: stages cut from the model, torch.distributed.pipelining schedules, pp x dp
+    pipeline.py         --pp: stages cut from the model, torch.distributed.pipelining schedules, pp x dp (x ep)
 
 Import the submodules directly; this package imports nothing, so a single-process run never pays
 for loading FSDP.
