@@ -46,6 +46,25 @@ def test_bad_specs_are_rejected(bad):
         bias_schedule_spec(bad)
 
 
+def test_none_means_no_schedule():
+    from dsv3.cli import build_parser
+    from dsv3.cli.train import train_config_from_args
+    assert BiasSchedule.parse(" None ").segments == () and bias_schedule_spec("none") == "none"
+    args = build_parser().parse_args(["train", "--bias-update-schedule", "none", "--bias-update-rate", "0"])
+    cfg = train_config_from_args(args)
+    assert cfg.bias_update_schedule == "none" and cfg.bias_update_rate == 0.0
+    assert bias_rate(cfg.bias_update_schedule, 1, cfg.bias_update_rate) == 0.0  # switched off from step 1
+
+
+def test_the_demo_default_is_the_measured_schedule():
+    # benchmarks/RESULTS.md, "The demo's balance with a gamma schedule": 1e-3 for 100 steps, then 1e-2
+    cfg = TrainConfig()
+    assert [bias_rate(cfg.bias_update_schedule, s, cfg.bias_update_rate) for s in (1, 100, 101, 200)] == \
+        [1e-3, 1e-3, 1e-2, 1e-2]
+    # a run saved before the schedule existed resumes at its own fixed gamma
+    assert TrainConfig.FORMER_DEFAULTS["bias_update_schedule"] is None
+
+
 def test_cli_rejects_a_bad_schedule(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--bias-update-schedule", "0.01:5,0.02:3", "--max-steps", "1"])

@@ -3,7 +3,7 @@
 DeepSeek-V3 (section 4.2) does not keep gamma fixed: 0.001 for the first 14.3T tokens, then 0.0 for
 the last 500B. The spec here is a comma-separated list of ``GAMMA:UNTIL`` pairs, ``UNTIL`` being a
 1-based optimizer step: the bias update after step ``s`` uses the GAMMA of the first pair whose UNTIL
-is ``>= s``, and ``--bias-update-rate`` after the last pair. So
+is ``>= s``, and ``--bias-update-rate`` after the last pair (``none``: no pairs). So
 
     --bias-update-schedule 0.01:50          gamma 1e-2 for steps 1..50, then --bias-update-rate
     --bias-update-schedule 0.001:14300 --bias-update-rate 0     the paper's shape, counted in steps
@@ -35,7 +35,10 @@ class BiasSchedule:
 
     @classmethod
     def parse(cls, spec: str) -> BiasSchedule:
-        """``"GAMMA:UNTIL[,GAMMA:UNTIL...]"`` -> :class:`BiasSchedule` (ValueError on a malformed spec)."""
+        """``"GAMMA:UNTIL[,GAMMA:UNTIL...]"`` -> :class:`BiasSchedule` (ValueError on a malformed spec);
+        ``"none"``: no pairs, the base rate at every step (how the command line turns a default schedule off)."""
+        if str(spec).strip().lower() == "none":
+            return cls(())
         parts = [p for p in str(spec).split(",")]
         if not any(p.strip() for p in parts):
             raise ValueError(f"bias update schedule {spec!r}: expected GAMMA:UNTIL[,GAMMA:UNTIL...], e.g. 0.01:50")

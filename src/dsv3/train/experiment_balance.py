@@ -107,7 +107,7 @@ class BalanceExperimentConfig:
 
 # The TrainConfig fields every arm sets itself (from BalanceExperimentConfig): the command must not also
 # offer them as training flags, or a user's value would be silently replaced.
-ARM_FIELDS = ("bias_update_rate", "aux_loss_alpha", "seq_aux_alpha", "max_steps", "seed")
+ARM_FIELDS = ("bias_update_rate", "bias_update_schedule", "aux_loss_alpha", "seq_aux_alpha", "max_steps", "seed")
 
 
 def arm_knobs(exp: BalanceExperimentConfig) -> dict[str, dict]:
@@ -119,11 +119,13 @@ def arm_knobs(exp: BalanceExperimentConfig) -> dict[str, dict]:
             gammas = exp.gamma_sweep or (exp.bias_update_rate,)
             for g in gammas:
                 name = f"aux_free_gamma={g:g}" if exp.gamma_sweep else "aux_free"
-                arms[name] = dict(bias_update_rate=g, aux_loss_alpha=0.0, seq_aux_alpha=exp.seq_aux_alpha)
+                arms[name] = dict(bias_update_rate=g, bias_update_schedule=None, aux_loss_alpha=0.0,
+                                  seq_aux_alpha=exp.seq_aux_alpha)
         elif kind == "aux_loss":
-            arms[kind] = dict(bias_update_rate=0.0, aux_loss_alpha=exp.aux_loss_alpha, seq_aux_alpha=0.0)
+            arms[kind] = dict(bias_update_rate=0.0, bias_update_schedule=None, aux_loss_alpha=exp.aux_loss_alpha,
+                              seq_aux_alpha=0.0)
         else:
-            arms[kind] = dict(bias_update_rate=0.0, aux_loss_alpha=0.0, seq_aux_alpha=0.0)
+            arms[kind] = dict(bias_update_rate=0.0, bias_update_schedule=None, aux_loss_alpha=0.0, seq_aux_alpha=0.0)
     return arms
 
 
