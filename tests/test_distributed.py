@@ -48,7 +48,8 @@ def run_config(cache: Path, out: Path, **over) -> TrainConfig:
     base = dict(data=[str(cache / "corpus")], cache_dir=str(cache), out=str(out), max_steps=STEPS, batch_size=4,
                 seq_len=32, grad_accum=2, lr=1e-2, warmup_steps=1, save_every=2, eval_every=2, eval_batches=1,
                 vocab_size=384, tokenizer_train_mb=0.1, val_fraction=0.2, progress=False, sample_tokens=4,
-                model_overrides=dict(MODEL), device="cpu", bias_update_rate=1e-2)
+                model_overrides=dict(MODEL), device="cpu", bias_update_rate=1e-2,
+                bias_update_schedule="none")
     base.update(over)
     return TrainConfig(**base)
 
